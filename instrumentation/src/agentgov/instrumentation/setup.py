@@ -1,0 +1,36 @@
+"""One-call set-up of an OpenTelemetry tracer provider that exports to the collector."""
+
+from __future__ import annotations
+
+import os
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+
+def configure(
+    service_name: str | None = None,
+    endpoint: str | None = None,
+    set_global: bool = True,
+) -> TracerProvider:
+    """Create a tracer provider that batches spans to the OTLP/HTTP exporter.
+
+    Standard ``OTEL_*`` variables apply (``OTEL_EXPORTER_OTLP_ENDPOINT``,
+    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, headers, timeouts, ``OTEL_SERVICE_NAME``,
+    ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_BSP_*``); ``endpoint`` overrides the base URL,
+    for example ``http://127.0.0.1:4318``. Call ``provider.shutdown()`` before exit so
+    buffered spans are flushed.
+    """
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    attrs = {}
+    if service_name or not os.environ.get("OTEL_SERVICE_NAME"):
+        attrs[SERVICE_NAME] = service_name or "agentgov-agent"
+    provider = TracerProvider(resource=Resource.create(attrs))
+    traces_endpoint = f"{endpoint.rstrip('/')}/v1/traces" if endpoint else None
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=traces_endpoint)))
+    if set_global:
+        trace.set_tracer_provider(provider)
+    return provider

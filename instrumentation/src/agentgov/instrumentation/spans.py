@@ -1,0 +1,438 @@
+"""Where agent and tool spans are created.
+
+:class:`Governance` is the entry point (one per tracer provider). It opens
+:class:`SessionScope` (the root session and the human instruction), :class:`AgentSpan`
+(``invoke_agent``) and :class:`ToolSpan` (``execute_tool``). Every span carries the
+session id, the delegation chain and the intent, so any span alone answers "who asked".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
+
+from agentgov.instrumentation import conventions as cv
+from agentgov.instrumentation.lineage import (
+    Lineage,
+    check_id,
+    clip_intent,
+    current_lineage,
+    new_id,
+    with_lineage,
+)
+from agentgov.instrumentation.propagation import extract, inject, inject_env
+
+INSTRUMENTATION_NAME = "agentgov.instrumentation"
+INSTRUMENTATION_VERSION = "0.1.0"
+
+
+class NoSessionError(RuntimeError):
+    """An agent was started outside any session."""
+
+
+def _check_permissions(permissions: Sequence[str] | None) -> tuple[str, ...] | None:
+    if permissions is None:
+        return None
+    out = tuple(permissions)
+    for p in out:
+        if not p or "," in p:
+            raise ValueError(f"invalid permission {p!r}: non-empty, and without commas")
+    return out
+
+
+class _Scope:
+    """A context manager that attaches a context and, if it owns one, ends a span."""
+
+    _token: object | None = None
+    span: Span | None = None
+
+    def _attach(self, ctx: otel_context.Context) -> None:
+        self._token = otel_context.attach(ctx)
+
+    def _detach(self) -> None:
+        if self._token is not None:
+            otel_context.detach(self._token)  # type: ignore[arg-type]
+            self._token = None
+
+    def _finish(self, exc: BaseException | None) -> None:
+        span = self.span
+        if span is None:
+            return
+        if exc is not None:
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        span.end()
+
+
+class SessionScope(_Scope):
+    """The root session: a session id assigned before any agent starts, and the intent."""
+
+    def __init__(self, gov: Governance, lineage: Lineage) -> None:
+        self._gov = gov
+        self.lineage = lineage
+
+    @property
+    def session_id(self) -> str:
+        return self.lineage.session_id
+
+    @property
+    def intent(self) -> str:
+        return self.lineage.intent
+
+    def agent(self, name: str, **kwargs: Any) -> AgentSpan:
+        """Open the root agent of this session (depth 0)."""
+        return self._gov._agent(name, parent=self.lineage, parent_ctx=None, **kwargs)
+
+    def __enter__(self) -> SessionScope:
+        self._attach(with_lineage(self.lineage))
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._detach()
+
+
+class AgentSpan(_Scope):
+    """One agent invocation: an ``invoke_agent`` span with its lineage.
+
+    Use it as a context manager. Inside, :meth:`tool` records commands, :meth:`delegate`
+    starts a sub-agent in this process, :meth:`handoff` prepares a carrier for a sub-agent
+    in another process, :meth:`message` records inter-agent messages and :meth:`usage`
+    accumulates tokens and spend.
+    """
+
+    def __init__(
+        self,
+        gov: Governance,
+        name: str,
+        lineage: Lineage,
+        parent_ctx: otel_context.Context | None,
+        task: str,
+    ) -> None:
+        self._gov = gov
+        self.name = name
+        self.lineage = lineage
+        self.task = task
+        self._parent_ctx = parent_ctx
+        self._ctx: otel_context.Context | None = None
+        self._input_tokens = 0
+        self._output_tokens = 0
+        self._usd = 0.0
+
+    @property
+    def agent_id(self) -> str:
+        return self.lineage.agent_id
+
+    @property
+    def session_id(self) -> str:
+        return self.lineage.session_id
+
+    @property
+    def parent_id(self) -> str:
+        return self.lineage.chain[-2] if len(self.lineage.chain) > 1 else ""
+
+    @property
+    def depth(self) -> int:
+        return self.lineage.depth
+
+    @property
+    def context(self) -> otel_context.Context:
+        """The context in which this agent's children run (span + lineage)."""
+        if self._ctx is None:
+            raise RuntimeError("the agent has not started: use it in a 'with' block")
+        return self._ctx
+
+    def start(self) -> AgentSpan:
+        """Start the span without attaching it (for use across threads)."""
+        lin = self.lineage
+        attrs: dict[str, Any] = {
+            cv.OPERATION_NAME: cv.OP_INVOKE_AGENT,
+            cv.AGENT_ID: lin.agent_id,
+            cv.AGENT_NAME: self.name,
+            cv.SESSION_ID: lin.session_id,
+            cv.DELEGATION_CHAIN: lin.chain,
+            cv.DELEGATION_DEPTH: lin.depth,
+            cv.INTENT: lin.intent,
+        }
+        parent_id = self.parent_id
+        if parent_id:
+            attrs[cv.PARENT_AGENT_ID] = parent_id
+        if self.task:
+            attrs[cv.TASK] = self.task
+        if lin.role:
+            attrs[cv.AGENT_ROLE] = lin.role
+        if lin.permissions is not None:
+            attrs[cv.PERMISSIONS] = lin.permissions
+        self.span = self._gov.tracer.start_span(
+            f"invoke_agent {self.name}",
+            context=self._parent_ctx,
+            kind=SpanKind.INTERNAL,
+            attributes=attrs,
+        )
+        self._ctx = with_lineage(lin, trace.set_span_in_context(self.span, self._parent_ctx))
+        return self
+
+    def end(self, exc: BaseException | None = None) -> None:
+        """End the span (records usage and, if given, the exception)."""
+        span = self.span
+        if span is not None and (self._input_tokens or self._output_tokens or self._usd):
+            span.set_attributes(
+                {
+                    cv.USAGE_INPUT_TOKENS: self._input_tokens,
+                    cv.USAGE_OUTPUT_TOKENS: self._output_tokens,
+                    cv.COST_USD: self._usd,
+                }
+            )
+        self._finish(exc)
+
+    def __enter__(self) -> AgentSpan:
+        if self.span is None:
+            self.start()
+        self._attach(self.context)
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._detach()
+        self.end(exc)
+
+    # -- what an agent does -------------------------------------------------------------
+
+    def tool(
+        self,
+        tool_name: str,
+        command: str = "",
+        resources: Sequence[str] = (),
+        risk: int | None = None,
+    ) -> ToolSpan:
+        """Record a tool or command call (an ``execute_tool`` span) by this agent."""
+        return ToolSpan(self, tool_name, command, tuple(resources), risk)
+
+    def delegate(
+        self,
+        name: str,
+        task: str = "",
+        role: str = "",
+        permissions: Sequence[str] | None = None,
+        agent_id: str | None = None,
+    ) -> AgentSpan:
+        """Start a sub-agent in this process (any thread): its parent is this agent."""
+        return self._gov._agent(
+            name,
+            parent=self.lineage,
+            parent_ctx=self.context,
+            task=task,
+            role=role,
+            permissions=permissions,
+            agent_id=agent_id,
+        )
+
+    def handoff(
+        self,
+        to: str,
+        task: str = "",
+        role: str = "",
+        permissions: Sequence[str] | None = None,
+        agent_id: str | None = None,
+    ) -> Handoff:
+        """Prepare a delegation to an agent in another process.
+
+        ``to`` names the agent; the returned :class:`Handoff` carries trace context and
+        lineage as W3C headers or environment variables for the receiving process, which
+        opens it with :meth:`Governance.agent` ``(carrier=...)``.
+        """
+        target = check_id(agent_id, "agent id") if agent_id else new_id(to)
+        perms = _check_permissions(permissions)
+        lin = Lineage(
+            session_id=self.lineage.session_id,
+            intent=self.lineage.intent,
+            chain=self.lineage.chain,
+            permissions=perms if perms is not None else self.lineage.permissions,
+            task=task,
+            handoff_to=target,
+            role=role,
+        )
+        return Handoff(to, target, task, with_lineage(lin, self.context))
+
+    def message(self, to: str, content: str | bytes) -> None:
+        """Record a message this agent sends to another agent (content kept as a digest)."""
+        data = content.encode("utf-8") if isinstance(content, str) else content
+        if self.span is not None:
+            self.span.add_event(
+                cv.MESSAGE_EVENT,
+                {
+                    cv.MESSAGE_FROM: self.agent_id,
+                    cv.MESSAGE_TO: to,
+                    cv.MESSAGE_DIGEST: "sha256:" + hashlib.sha256(data).hexdigest(),
+                    cv.MESSAGE_SIZE: len(data),
+                },
+            )
+
+    def usage(self, input_tokens: int = 0, output_tokens: int = 0, usd: float = 0.0) -> None:
+        """Add model usage and spend to this agent (set on its span when it ends)."""
+        self._input_tokens += int(input_tokens)
+        self._output_tokens += int(output_tokens)
+        self._usd += float(usd)
+
+
+class ToolSpan(_Scope):
+    """One tool or command call: an ``execute_tool`` span, self-contained for audit."""
+
+    def __init__(
+        self,
+        agent: AgentSpan,
+        tool_name: str,
+        command: str,
+        resources: tuple[str, ...],
+        risk: int | None,
+    ) -> None:
+        self.agent = agent
+        self.tool_name = tool_name
+        self.command = command
+        self.resources = resources
+        self.risk = risk
+
+    def __enter__(self) -> ToolSpan:
+        agent = self.agent
+        lin = agent.lineage
+        attrs: dict[str, Any] = {
+            cv.OPERATION_NAME: cv.OP_EXECUTE_TOOL,
+            cv.TOOL_NAME: self.tool_name,
+            cv.AGENT_ID: lin.agent_id,
+            cv.AGENT_NAME: agent.name,
+            cv.SESSION_ID: lin.session_id,
+            cv.DELEGATION_CHAIN: lin.chain,
+            cv.DELEGATION_DEPTH: lin.depth,
+            cv.INTENT: lin.intent,
+        }
+        if agent.parent_id:
+            attrs[cv.PARENT_AGENT_ID] = agent.parent_id
+        if self.command:
+            attrs[cv.COMMAND] = self.command
+        if self.resources:
+            attrs[cv.RESOURCES] = self.resources
+        if self.risk is not None:
+            attrs[cv.RISK_SCORE] = max(0, min(100, int(self.risk)))
+        if lin.role:
+            attrs[cv.AGENT_ROLE] = lin.role
+        self.span = agent._gov.tracer.start_span(
+            f"execute_tool {self.tool_name}", context=agent.context, attributes=attrs
+        )
+        self._attach(trace.set_span_in_context(self.span, agent.context))
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._detach()
+        self._finish(exc)
+
+
+class Handoff:
+    """A delegation in flight to another process: carriers for its context and lineage."""
+
+    def __init__(self, to: str, agent_id: str, task: str, ctx: otel_context.Context) -> None:
+        self.to = to
+        self.agent_id = agent_id
+        self.task = task
+        self._ctx = ctx
+
+    def headers(self) -> dict[str, str]:
+        """``traceparent`` and ``baggage`` headers, e.g. for an HTTP call to the agent."""
+        out: dict[str, str] = {}
+        inject(out, self._ctx)
+        return out
+
+    def env(self) -> dict[str, str]:
+        """``TRACEPARENT`` and ``BAGGAGE`` variables for a child process's environment."""
+        return inject_env(None, self._ctx)
+
+
+class Governance:
+    """Entry point of the instrumentation: sessions and agents on one tracer.
+
+    ``tracer_provider`` defaults to the global OpenTelemetry provider, so an application
+    configured by ``opentelemetry-instrument`` or :func:`agentgov.instrumentation.configure`
+    needs no arguments.
+    """
+
+    def __init__(self, tracer_provider: TracerProvider | None = None) -> None:
+        self.tracer: Tracer = trace.get_tracer(
+            INSTRUMENTATION_NAME, INSTRUMENTATION_VERSION, tracer_provider=tracer_provider
+        )
+
+    def session(self, intent: str, session_id: str | None = None) -> SessionScope:
+        """Open a root session for one human instruction.
+
+        The session id is assigned here, before any agent starts, and travels in baggage
+        to every agent of the session in every process.
+        """
+        sid = check_id(session_id, "session id") if session_id else f"sess-{uuid.uuid4().hex}"
+        return SessionScope(self, Lineage(session_id=sid, intent=clip_intent(intent)))
+
+    def agent(
+        self,
+        name: str,
+        task: str = "",
+        role: str = "",
+        permissions: Sequence[str] | None = None,
+        agent_id: str | None = None,
+        carrier: Mapping[str, str] | None = None,
+    ) -> AgentSpan:
+        """Open an agent under the current lineage, or under the one in ``carrier``.
+
+        With ``carrier`` (headers or environment from :meth:`AgentSpan.handoff`) the agent
+        takes the handoff's id, task, role and permissions unless given here.
+        """
+        ctx = extract(carrier) if carrier is not None else otel_context.get_current()
+        parent = current_lineage(ctx)
+        if parent is None:
+            raise NoSessionError(
+                "no agentgov session is active: open one with Governance.session(intent) "
+                "or pass the carrier of a handoff (carrier=os.environ)"
+            )
+        if carrier is not None and parent.handoff_to:
+            agent_id = agent_id or parent.handoff_to
+            task = task or parent.task
+            role = role or parent.role
+        return self._agent(
+            name,
+            parent=parent,
+            parent_ctx=ctx,
+            task=task,
+            role=role,
+            permissions=permissions,
+            agent_id=agent_id,
+        )
+
+    def _agent(
+        self,
+        name: str,
+        parent: Lineage,
+        parent_ctx: otel_context.Context | None,
+        task: str = "",
+        role: str = "",
+        permissions: Sequence[str] | None = None,
+        agent_id: str | None = None,
+    ) -> AgentSpan:
+        aid = check_id(agent_id, "agent id") if agent_id else new_id(name)
+        perms = _check_permissions(permissions)
+        lineage = parent.child(aid, role=role)
+        if perms is not None:
+            lineage = Lineage(
+                session_id=lineage.session_id,
+                intent=lineage.intent,
+                chain=lineage.chain,
+                permissions=perms,
+                role=role,
+            )
+        return AgentSpan(self, name, lineage, parent_ctx, task)
