@@ -1,0 +1,165 @@
+"""Where governance questions become SQL. Every value is a bound parameter.
+
+:class:`Analytics` returns pandas DataFrames (the Python API); the HTTP API and the CLI
+render the same frames as JSON and text.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pandas as pd
+from clickhouse_connect.driver.client import Client
+
+from agentgov.collector.store import schema
+from agentgov.instrumentation.lineage import check_id
+
+
+class SessionNotFound(LookupError):
+    """No span of this session is stored."""
+
+
+_SESSION_COLUMNS = f"""
+    SessionId AS session_id,
+    min(FirstSeen) AS first_seen,
+    max(LastSeen) AS last_seen,
+    max(Intent) AS intent,
+    uniqExactMerge(Agents) AS agents,
+    sum(Spans) AS spans,
+    max(MaxDepth) AS max_depth,
+    sum(Handoffs) AS handoffs,
+    round(sum(CostUsd), 6) AS usd,
+    sum(ToolCalls) AS tool_calls,
+    sum(InputTokens) AS input_tokens,
+    sum(OutputTokens) AS output_tokens,
+    max(MaxRisk) AS max_command_risk,
+    toUInt8(round(100 * (1 - exp(sum(RiskLogSum))))) AS session_risk,
+    sum(Errors) AS errors,
+    if(max(RootEnded) = 1, 'completed', 'running') AS status
+FROM {schema.SESSIONS}
+"""
+
+
+@dataclass(frozen=True)
+class Graph:
+    """A session's delegation graph: agents as nodes, parent → child as edges."""
+
+    nodes: pd.DataFrame
+    edges: pd.DataFrame
+
+
+class Analytics:
+    """Governance queries on one ClickHouse client (calls are serialized on it)."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._client.close()
+
+    def _df(self, sql: str, parameters: dict[str, Any]) -> pd.DataFrame:
+        with self._lock:
+            return self._client.query_df(sql, parameters=parameters)
+
+    def sessions(
+        self, limit: int = 50, order: Literal["recent", "risk"] = "recent"
+    ) -> pd.DataFrame:
+        """Recent sessions (or the riskiest), one row each with their governance figures."""
+        order_by = "session_risk DESC, last_seen DESC" if order == "risk" else "last_seen DESC"
+        return self._df(
+            f"SELECT {_SESSION_COLUMNS} GROUP BY SessionId ORDER BY {order_by} LIMIT {{limit:UInt32}}",
+            {"limit": max(1, min(int(limit), 10_000))},
+        )
+
+    def session(self, session_id: str) -> dict[str, Any]:
+        """One session's summary; raises :class:`SessionNotFound`."""
+        check_id(session_id, "session id")
+        df = self._df(
+            f"SELECT {_SESSION_COLUMNS} WHERE SessionId = {{sid:String}} GROUP BY SessionId",
+            {"sid": session_id},
+        )
+        if df.empty:
+            raise SessionNotFound(session_id)
+        return dict(df.iloc[0].to_dict())
+
+    def graph(self, session_id: str) -> Graph:
+        """Agents of a session with role, depth, risk; edges from lineage (parent → child)."""
+        check_id(session_id, "session id")
+        nodes = self._df(
+            f"""
+            SELECT
+                AgentId AS id,
+                if(anyIf(AgentName, Operation = 'invoke_agent') != '',
+                   anyIf(AgentName, Operation = 'invoke_agent'), any(AgentName)) AS name,
+                anyIf(Role, Role != '') AS role,
+                min(Depth) AS depth,
+                max(RiskScore) AS risk,
+                countIf(Operation = 'execute_tool') AS tool_calls,
+                round(sum(CostUsd), 6) AS usd,
+                any(ParentAgentId) AS parent_id,
+                anyIf(Task, Operation = 'invoke_agent') AS task,
+                max(StatusCode = 'Error') AS error
+            FROM {schema.SPANS}
+            WHERE SessionId = {{sid:String}} AND AgentId != ''
+            GROUP BY AgentId
+            ORDER BY depth, id
+            """,
+            {"sid": session_id},
+        )
+        if nodes.empty:
+            raise SessionNotFound(session_id)
+        with_parent = nodes[nodes["parent_id"] != ""]
+        edges = pd.DataFrame(
+            {
+                "source": with_parent["parent_id"].to_numpy(),
+                "target": with_parent["id"].to_numpy(),
+                "task": with_parent["task"].to_numpy(),
+            }
+        )
+        return Graph(nodes, edges)
+
+    def audit(self, session_id: str) -> pd.DataFrame:
+        """Every command of a session with who ran it, on whose behalf, and its risk."""
+        check_id(session_id, "session id")
+        df = self._df(
+            f"""
+            SELECT Timestamp AS time, AgentId AS agent_id, AgentName AS agent_name,
+                   ParentAgentId AS parent_id, Chain AS chain, Depth AS depth, Intent AS intent,
+                   ToolName AS tool, Command AS command, Resources AS resources,
+                   RiskScore AS risk, RiskRules AS risk_rules, StatusCode AS status,
+                   TraceId AS trace_id, SpanId AS span_id
+            FROM {schema.SPANS}
+            WHERE SessionId = {{sid:String}} AND Operation = 'execute_tool'
+            ORDER BY Timestamp, SpanId
+            """,
+            {"sid": session_id},
+        )
+        if df.empty:
+            self.session(session_id)  # 404 if the session does not exist at all
+        return df
+
+    def fanout(self, session_id: str | None = None, limit: int = 100) -> pd.DataFrame:
+        """Per delegating agent: how many children it started and how many distinct tasks."""
+        where = ""
+        params: dict[str, Any] = {"limit": max(1, min(int(limit), 10_000))}
+        if session_id is not None:
+            check_id(session_id, "session id")
+            where = "WHERE SessionId = {sid:String}"
+            params["sid"] = session_id
+        return self._df(
+            f"""
+            SELECT SessionId AS session_id, ParentAgentId AS agent_id,
+                   count() AS children, uniqExact(Task) AS distinct_tasks,
+                   groupUniqArray(Task) AS tasks, max(Depth) - 1 AS depth
+            FROM {schema.EDGES} FINAL
+            {where}
+            GROUP BY SessionId, ParentAgentId
+            ORDER BY children DESC, session_id, agent_id
+            LIMIT {{limit:UInt32}}
+            """,
+            params,
+        )

@@ -1,0 +1,126 @@
+"""The query API (JSON under ``/api/v1``) over :class:`Analytics`."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from agentgov.collector.analytics import Analytics, SessionNotFound
+from agentgov.instrumentation.lineage import InvalidIdError
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (pd.Timestamp, datetime)):
+        return value.isoformat()
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """A DataFrame as JSON-ready rows."""
+    cols = list(df.columns)
+    return [{c: _plain(v) for c, v in zip(cols, row, strict=True)} for row in df.itertuples(index=False)]
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(
+        json.dumps(data, default=_plain, separators=(",", ":")),
+        status_code=status,
+        media_type="application/json",
+    )
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ValueError(f"query parameter {name!r} must be an integer from {lo} to {hi}") from exc
+    if not lo <= value <= hi:
+        raise ValueError(f"query parameter {name!r} must be an integer from {lo} to {hi}")
+    return value
+
+
+class QueryApi:
+    """Route handlers; each runs its query on a worker thread."""
+
+    def __init__(self, analytics: Analytics) -> None:
+        self.analytics = analytics
+
+    async def _guard(self, fn: Any, *args: Any) -> Response:
+        try:
+            return _json(await run_in_threadpool(fn, *args))
+        except (InvalidIdError, ValueError) as exc:
+            return error(400, str(exc))
+        except SessionNotFound as exc:
+            return error(404, f"unknown session {exc.args[0]!r}: see GET /api/v1/sessions")
+
+    async def sessions(self, request: Request) -> Response:
+        try:
+            limit = _int_param(request, "limit", 50, 1, 10_000)
+        except ValueError as exc:
+            return error(400, str(exc))
+        order = request.query_params.get("order", "recent")
+        if order not in ("recent", "risk"):
+            return error(400, "query parameter 'order' must be 'recent' or 'risk'")
+        return await self._guard(
+            lambda: {"sessions": records(self.analytics.sessions(limit, order))}  # type: ignore[arg-type]
+        )
+
+    async def session(self, request: Request) -> Response:
+        sid = request.path_params["session_id"]
+        return await self._guard(self.analytics.session, sid)
+
+    async def graph(self, request: Request) -> Response:
+        sid = request.path_params["session_id"]
+
+        def build() -> dict[str, Any]:
+            g = self.analytics.graph(sid)
+            return {"session_id": sid, "nodes": records(g.nodes), "edges": records(g.edges)}
+
+        return await self._guard(build)
+
+    async def audit(self, request: Request) -> Response:
+        sid = request.path_params["session_id"]
+        return await self._guard(
+            lambda: {"session_id": sid, "commands": records(self.analytics.audit(sid))}
+        )
+
+    async def fanout(self, request: Request) -> Response:
+        try:
+            limit = _int_param(request, "limit", 100, 1, 10_000)
+        except ValueError as exc:
+            return error(400, str(exc))
+        sid = request.query_params.get("session")
+        return await self._guard(lambda: {"agents": records(self.analytics.fanout(sid, limit))})
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/api/v1/sessions", self.sessions, methods=["GET"]),
+            Route("/api/v1/sessions/{session_id}", self.session, methods=["GET"]),
+            Route("/api/v1/sessions/{session_id}/graph", self.graph, methods=["GET"]),
+            Route("/api/v1/sessions/{session_id}/audit", self.audit, methods=["GET"]),
+            Route("/api/v1/fanout", self.fanout, methods=["GET"]),
+        ]

@@ -1,0 +1,54 @@
+"""A small HTTP client for the collector's API (used by the CLI and the demo)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:4318"
+
+
+class ApiError(RuntimeError):
+    """The collector answered with an error, or could not be reached."""
+
+
+class CollectorClient:
+    def __init__(self, url: str | None = None, timeout: float = 30.0) -> None:
+        self.url = (url or os.environ.get("AGENTGOV_URL") or DEFAULT_URL).rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def get(self, path: str, **params: Any) -> Any:
+        try:
+            resp = self._http.get(path, params={k: v for k, v in params.items() if v is not None})
+        except httpx.HTTPError as exc:
+            raise ApiError(
+                f"cannot reach the collector at {self.url} ({exc}); start it with "
+                "'agentgov collector' or set --url / AGENTGOV_URL"
+            ) from exc
+        if resp.status_code >= 400:
+            try:
+                message = resp.json().get("error", resp.text)
+            except ValueError:
+                message = resp.text
+            raise ApiError(f"{resp.status_code}: {message}")
+        return resp.json()
+
+    def sessions(self, limit: int = 50, order: str = "recent") -> list[dict[str, Any]]:
+        return list(self.get("/api/v1/sessions", limit=limit, order=order)["sessions"])
+
+    def session(self, session_id: str) -> dict[str, Any]:
+        return dict(self.get(f"/api/v1/sessions/{session_id}"))
+
+    def graph(self, session_id: str) -> dict[str, Any]:
+        return dict(self.get(f"/api/v1/sessions/{session_id}/graph"))
+
+    def audit(self, session_id: str) -> list[dict[str, Any]]:
+        return list(self.get(f"/api/v1/sessions/{session_id}/audit")["commands"])
+
+    def fanout(self, session_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        return list(self.get("/api/v1/fanout", session=session_id, limit=limit)["agents"])

@@ -1,0 +1,1 @@
+"""The demo: "clean up old deployments", delegated across processes, traced end to end."""

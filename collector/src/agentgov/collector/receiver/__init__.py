@@ -1,0 +1,1 @@
+"""OTLP receivers: HTTP (``/v1/traces``) and gRPC (``TraceService/Export``)."""

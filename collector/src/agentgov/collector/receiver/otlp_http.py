@@ -1,0 +1,72 @@
+"""OTLP/HTTP trace receiver: ``POST /v1/traces`` (protobuf or JSON, optionally gzip)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from agentgov.collector.receiver.decode import Limits, OtlpError, PayloadTooLarge, decode_http
+from agentgov.collector.store.writer import SpanWriter, WriterClosed, WriterOverloaded
+
+# Decoding a small body inline is cheaper than a hop to a worker thread.
+_INLINE_DECODE_BYTES = 256 << 10
+_EMPTY_PROTO = ExportTraceServiceResponse().SerializeToString()
+
+
+def _error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return JSONResponse({"code": status, "message": message}, status_code=status, headers=headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise PayloadTooLarge(f"request body exceeds {limit} bytes; send smaller batches")
+        except ValueError as exc:
+            raise OtlpError("Content-Length is not a number") from exc
+    chunks = bytearray()
+    async for chunk in request.stream():
+        chunks += chunk
+        if len(chunks) > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes; send smaller batches")
+    return bytes(chunks)
+
+
+class OtlpHttpReceiver:
+    """The ``/v1/traces`` endpoint, bound to a writer."""
+
+    def __init__(self, writer: SpanWriter, limits: Limits) -> None:
+        self.writer = writer
+        self.limits = limits
+
+    async def handle(self, request: Request) -> Response:
+        content_type = request.headers.get("content-type", "")
+        encoding = request.headers.get("content-encoding", "")
+        try:
+            body = await _read_body(request, self.limits.max_request_bytes)
+            if len(body) <= _INLINE_DECODE_BYTES:
+                decoded = decode_http(body, content_type, encoding, self.limits)
+            else:
+                decoded = await run_in_threadpool(
+                    decode_http, body, content_type, encoding, self.limits
+                )
+            future = self.writer.submit(decoded.payload, decoded.spans)
+        except OtlpError as exc:
+            return _error(exc.status, str(exc))
+        except WriterOverloaded as exc:
+            return _error(503, str(exc), retry_after=1)
+        except WriterClosed as exc:
+            return _error(503, str(exc), retry_after=5)
+        try:
+            await asyncio.wrap_future(future)
+        except Exception as exc:  # noqa: BLE001 - storage failure: not acknowledged
+            return _error(503, f"spans not stored, retry later: {exc}", retry_after=1)
+        if content_type.split(";", 1)[0].strip().lower() == "application/json":
+            return Response(b"{}", media_type="application/json")
+        return Response(_EMPTY_PROTO, media_type="application/x-protobuf")

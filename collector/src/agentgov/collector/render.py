@@ -1,0 +1,81 @@
+"""Text renderings for the terminal: session tables, delegation trees, causal chains."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+
+def risk_label(score: int) -> str:
+    if score >= 70:
+        return f"{score} HIGH"
+    if score >= 40:
+        return f"{score} MEDIUM"
+    return f"{score} low"
+
+
+def sessions_table(rows: list[dict[str, Any]]) -> str:
+    header = f"{'SESSION':<40} {'STATUS':<9} {'AGENTS':>6} {'SPANS':>6} {'DEPTH':>5} {'HANDOFFS':>8} {'USD':>9} {'TOOLS':>6} {'RISK':>4}  INTENT"
+    lines = [header]
+    for r in rows:
+        lines.append(
+            f"{r['session_id']:<40} {r['status']:<9} {r['agents']:>6} {r['spans']:>6} "
+            f"{r['max_depth']:>5} {r['handoffs']:>8} {r['usd']:>9.4f} {r['tool_calls']:>6} "
+            f"{r['session_risk']:>4}  {str(r['intent'])[:60]}"
+        )
+    return "\n".join(lines)
+
+
+def delegation_tree(graph: dict[str, Any]) -> str:
+    """The delegation graph as an indented tree, roots first."""
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    children: dict[str, list[str]] = defaultdict(list)
+    tasks: dict[tuple[str, str], str] = {}
+    for e in graph["edges"]:
+        children[e["source"]].append(e["target"])
+        tasks[(e["source"], e["target"])] = e.get("task", "")
+    roots = [n for n in nodes if not nodes[n]["parent_id"] or nodes[n]["parent_id"] not in nodes]
+    lines: list[str] = []
+
+    def label(agent_id: str, parent: str | None) -> str:
+        n = nodes[agent_id]
+        role = f" [{n['role']}]" if n.get("role") else ""
+        task = tasks.get((parent, agent_id), "") if parent else ""
+        task_txt = f"  task: {task!r}" if task else ""
+        return f"{n['name'] or agent_id} ({agent_id}){role}  depth {n['depth']}  risk {risk_label(int(n['risk']))}{task_txt}"
+
+    def walk(agent_id: str, parent: str | None, prefix: str, last: bool, top: bool) -> None:
+        branch = "" if top else ("└── " if last else "├── ")
+        lines.append(prefix + branch + label(agent_id, parent))
+        kids = sorted(children.get(agent_id, []))
+        next_prefix = prefix if top else prefix + ("    " if last else "│   ")
+        for i, kid in enumerate(kids):
+            walk(kid, agent_id, next_prefix, i == len(kids) - 1, False)
+
+    for root in sorted(roots):
+        walk(root, None, "", True, True)
+    return "\n".join(lines)
+
+
+def audit_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'TIME':<27} {'AGENT':<28} {'PARENT':<28} {'RISK':>4}  COMMAND"]
+    for r in rows:
+        lines.append(
+            f"{str(r['time'])[:26]:<27} {r['agent_id']:<28} {r['parent_id'] or '-':<28} "
+            f"{r['risk']:>4}  {r['command'] or r['tool']}"
+        )
+    return "\n".join(lines)
+
+
+def causal_chain(command: dict[str, Any], graph: dict[str, Any]) -> str:
+    """From a command back through every delegation to the human instruction."""
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    lines = [f"command   {command['command']!r}  (risk {risk_label(int(command['risk']))}: {', '.join(command['risk_rules']) or 'no rule'})"]
+    for i, agent_id in enumerate(reversed(command["chain"])):
+        n = nodes.get(agent_id, {})
+        task = n.get("task") or ""
+        via = f" for task {task!r}" if task else ""
+        verb = "run by" if i == 0 else "delegated by"
+        lines.append(f"  ← {verb} {n.get('name') or '?'} ({agent_id}){via}")
+    lines.append(f"  ← on the human instruction {command['intent']!r}")
+    return "\n".join(lines)

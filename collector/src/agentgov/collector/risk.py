@@ -1,0 +1,174 @@
+"""Risk scoring of tool and command calls, from documented, configurable rules.
+
+One rule set is evaluated in two places: in Python (the governor scores a command before
+it runs) and, compiled to SQL, inside ClickHouse (the materialized view scores every
+stored span, whichever route it arrived by). Patterns are RE2 regular expressions, the
+subset both engines read the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources as importlib_resources
+from pathlib import Path
+
+import yaml
+from clickhouse_connect.driver.binding import format_query_value
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RiskRule(BaseModel):
+    """One rule: a name, a score, and the patterns that trigger it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    score: int = Field(ge=0, le=100)
+    description: str = ""
+    command: str | None = None
+    resources: str | None = None
+
+    @field_validator("command", "resources")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            if re.search(r"\(\?[=!<]|\\[1-9]", pattern):
+                raise ValueError("look-arounds and backreferences are not RE2: rewrite without")
+            re.compile(pattern)
+        return pattern
+
+    @model_validator(mode="after")
+    def _has_pattern(self) -> RiskRule:
+        if self.command is None and self.resources is None:
+            raise ValueError("a rule needs a 'command' or a 'resources' pattern")
+        return self
+
+
+class RiskRulesFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rules: list[RiskRule]
+
+
+class RiskRulesError(ValueError):
+    """A risk rules file is missing or invalid; the message names the file and field."""
+
+
+@dataclass(frozen=True)
+class RiskAssessment:
+    score: int
+    rules: tuple[str, ...]
+
+
+class RiskRules:
+    """A compiled rule set."""
+
+    def __init__(self, rules: Sequence[RiskRule]) -> None:
+        self.rules = tuple(rules)
+        self._compiled = [
+            (
+                r,
+                re.compile(r.command) if r.command else None,
+                re.compile(r.resources) if r.resources else None,
+            )
+            for r in self.rules
+        ]
+
+    @classmethod
+    def default(cls) -> RiskRules:
+        text = (
+            importlib_resources.files("agentgov.collector")
+            .joinpath("risk_rules.yaml")
+            .read_text("utf-8")
+        )
+        return cls.parse(text, "built-in risk_rules.yaml")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RiskRules:
+        p = Path(path)
+        try:
+            text = p.read_text("utf-8")
+        except OSError as exc:
+            raise RiskRulesError(f"{p}: cannot read risk rules: {exc.strerror}") from exc
+        return cls.parse(text, str(p))
+
+    @classmethod
+    def parse(cls, text: str, source: str) -> RiskRules:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise RiskRulesError(f"{source}: not valid YAML: {exc}") from exc
+        try:
+            parsed = RiskRulesFile.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(x) for x in e['loc']) or '(top level)'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise RiskRulesError(
+                f"{source}: invalid risk rules: {problems}. "
+                "Expected 'rules:' with items of name, score (0-100), command and/or resources."
+            ) from exc
+        return cls(parsed.rules)
+
+    @property
+    def digest(self) -> str:
+        """Identifies the rule set; stored with the materialized view that applies it."""
+        canon = repr([r.model_dump() for r in self.rules]).encode()
+        return hashlib.sha256(canon).hexdigest()[:16]
+
+    def assess(self, command: str = "", resources: Sequence[str] = ()) -> RiskAssessment:
+        """Score one command in Python, exactly as the SQL expression does."""
+        total = 0
+        hits: list[str] = []
+        for rule, cmd_re, res_re in self._compiled:
+            matched = bool(cmd_re and cmd_re.search(command)) or bool(
+                res_re and any(res_re.search(r) for r in resources)
+            )
+            if matched:
+                total += rule.score
+                hits.append(rule.name)
+        return RiskAssessment(min(100, total), tuple(hits))
+
+    def _condition(self, rule: RiskRule, command: str, resources: str) -> str:
+        parts = []
+        if rule.command:
+            parts.append(f"match({command}, {format_query_value(rule.command)})")
+        if rule.resources:
+            parts.append(
+                f"arrayExists(r -> match(r, {format_query_value(rule.resources)}), {resources})"
+            )
+        return "(" + " OR ".join(parts) + ")"
+
+    def sql_score(self, command: str, resources: str) -> str:
+        """SQL expression for the score, over the given command and resources columns."""
+        if not self.rules:
+            return "toUInt8(0)"
+        terms = " + ".join(
+            f"if({self._condition(r, command, resources)}, {r.score}, 0)" for r in self.rules
+        )
+        return f"toUInt8(least(100, {terms}))"
+
+    def sql_rule_names(self, command: str, resources: str) -> str:
+        """SQL expression for the names of the matched rules, as Array(String)."""
+        if not self.rules:
+            return "CAST([], 'Array(String)')"
+        items = ", ".join(
+            f"if({self._condition(r, command, resources)}, {format_query_value(r.name)}, '')"
+            for r in self.rules
+        )
+        return f"arrayFilter(x -> x != '', [{items}])"
+
+
+def combine_session_risk(scores: Sequence[int]) -> int:
+    """Session risk from command risks: the chance that at least one command is harmful,
+    treating each score as an independent probability (noisy-OR), on 0-100.
+
+    Mirrors the SQL aggregate (``RiskLogSum`` in the sessions table): many moderately
+    risky commands raise a session above any single one of them.
+    """
+    log_sum = sum(math.log1p(-min(s, 99.5) / 100.0) for s in scores)
+    return round(100 * (1 - math.exp(log_sum)))

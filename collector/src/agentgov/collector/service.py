@@ -1,0 +1,155 @@
+"""The collector service: store, writer, receivers and API in one process.
+
+The collector owns its store: with chDB the engine lives in this process, so other tools
+(CLI, dashboards' exports) go through the HTTP API rather than opening the data folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from agentgov.collector.analytics import Analytics
+from agentgov.collector.api import QueryApi
+from agentgov.collector.receiver.decode import Limits
+from agentgov.collector.receiver.otlp_grpc import start_grpc_server
+from agentgov.collector.receiver.otlp_http import OtlpHttpReceiver
+from agentgov.collector.risk import RiskRules
+from agentgov.collector.store.connection import StoreConfig, default_dsn, open_client, prepare
+from agentgov.collector.store.writer import SpanWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CollectorConfig:
+    """Everything ``agentgov collector`` takes on its command line."""
+
+    store: str | None = None
+    host: str = "127.0.0.1"
+    http_port: int = 4318
+    #: ``None`` disables the gRPC receiver
+    grpc_port: int | None = 4317
+    risk_rules: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    log_level: str = "warning"
+
+    @property
+    def store_config(self) -> StoreConfig:
+        return StoreConfig(self.store or default_dsn())
+
+
+class Collector:
+    """Assembles and runs the collector. ``start()`` returns once it accepts requests."""
+
+    def __init__(self, config: CollectorConfig) -> None:
+        self.config = config
+        self.rules = RiskRules.load(config.risk_rules) if config.risk_rules else RiskRules.default()
+        self.writer: SpanWriter | None = None
+        self.analytics: Analytics | None = None
+        self._grpc: grpc.Server | None = None
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.grpc_port: int | None = None
+
+    def _app(self) -> Starlette:
+        assert self.writer is not None and self.analytics is not None
+        receiver = OtlpHttpReceiver(self.writer, self.config.limits)
+        api = QueryApi(self.analytics)
+        writer = self.writer
+
+        async def health(request: Request) -> Response:
+            return JSONResponse(
+                {"status": "ok", "spans_written": writer.stats.spans, "requests": writer.stats.requests}
+            )
+
+        return Starlette(
+            routes=[
+                Route("/v1/traces", receiver.handle, methods=["POST"]),
+                Route("/healthz", health, methods=["GET"]),
+                *api.routes(),
+            ]
+        )
+
+    def _open(self) -> None:
+        store = self.config.store_config
+        setup_client = prepare(store, self.rules)
+        setup_client.close()
+        self.writer = SpanWriter(store).start()
+        self.analytics = Analytics(open_client(store))
+        if self.config.grpc_port is not None:
+            self._grpc, self.grpc_port = start_grpc_server(
+                self.writer, self.config.limits, self.config.host, self.config.grpc_port
+            )
+        self._server = uvicorn.Server(
+            uvicorn.Config(
+                self._app(),
+                host=self.config.host,
+                port=self.config.http_port,
+                log_level=self.config.log_level,
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=10,
+            )
+        )
+
+    def run(self) -> None:
+        """Run in the foreground until SIGINT/SIGTERM, then drain and stop."""
+        self._open()
+        assert self._server is not None
+        try:
+            self._server.run()
+        finally:
+            self._close()
+
+    def start(self, timeout: float = 30.0) -> Collector:
+        """Run in a background thread (for embedding: the demo, benchmarks)."""
+        self._open()
+        assert self._server is not None
+        server = self._server
+        self._thread = threading.Thread(target=server.run, name="agentgov-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self._close()
+                raise RuntimeError(
+                    f"the collector did not start on {self.config.host}:{self.config.http_port}; "
+                    "is the port in use?"
+                )
+            time.sleep(0.02)
+        return self
+
+    @property
+    def http_port(self) -> int:
+        """The bound HTTP port (useful with port 0)."""
+        server = self._server
+        if server is not None and server.servers:
+            sock = server.servers[0].sockets[0]
+            return int(sock.getsockname()[1])
+        return self.config.http_port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(15)
+        self._close()
+
+    def _close(self) -> None:
+        if self._grpc is not None:
+            self._grpc.stop(grace=5).wait(10)
+            self._grpc = None
+        if self.writer is not None:
+            self.writer.close()
+        if self.analytics is not None:
+            self.analytics.close()

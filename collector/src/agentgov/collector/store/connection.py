@@ -1,0 +1,114 @@
+"""Opening the ClickHouse store: chDB embedded (``chdb://``) or a server (``http(s)://``).
+
+All access goes through ``clickhouse-connect``; the DSN alone picks the deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import clickhouse_connect
+from clickhouse_connect.driver.binding import quote_identifier
+from clickhouse_connect.driver.client import Client
+
+from agentgov.collector.risk import RiskRules
+from agentgov.collector.store import schema
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATA_DIR = "agentgov-data"
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or prepared; the message says how to fix it."""
+
+
+def default_dsn(cwd: str | Path | None = None) -> str:
+    """The embedded default: a chDB data folder under the working directory."""
+    return f"chdb://{(Path(cwd or os.getcwd()) / DEFAULT_DATA_DIR).resolve()}"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    dsn: str
+
+    @property
+    def embedded(self) -> bool:
+        return self.dsn.startswith("chdb:")
+
+    def redacted(self) -> str:
+        """The DSN without its password, for logs and messages."""
+        parts = urlsplit(self.dsn)
+        if parts.password:
+            netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+            return urlunsplit(parts._replace(netloc=netloc))
+        return self.dsn
+
+
+def _chdb_path(dsn: str) -> str:
+    # chdb:///abs/path -> /abs/path ; chdb://relative/path -> relative/path
+    rest = dsn[len("chdb://") :]
+    return rest if rest.startswith("/") else str(Path(rest).resolve())
+
+
+def open_client(config: StoreConfig) -> Client:
+    """A new client on the store (each thread that queries should hold its own)."""
+    try:
+        if config.embedded:
+            path = _chdb_path(config.dsn)
+            Path(path).mkdir(parents=True, exist_ok=True)
+            return clickhouse_connect.get_client(dsn=f"chdb://{path}")
+        return clickhouse_connect.get_client(dsn=config.dsn)
+    except Exception as exc:  # noqa: BLE001 - every driver error becomes one clear message
+        raise StoreError(
+            f"cannot open the ClickHouse store {config.redacted()}: {exc}. "
+            "Use chdb:///path for the embedded engine or http(s)://user:password@host:8123/db "
+            "for a server."
+        ) from exc
+
+
+def _ensure_database(config: StoreConfig) -> None:
+    if config.embedded:
+        return
+    database = urlsplit(config.dsn).path.strip("/")
+    if not database or database == "default":
+        return
+    parts = urlsplit(config.dsn)
+    bare = StoreConfig(urlunsplit(parts._replace(path="/default")))
+    client = open_client(bare)
+    try:
+        client.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(database)}")
+    finally:
+        client.close()
+
+
+def migrate(client: Client, rules: RiskRules) -> None:
+    """Create every table and view if missing; re-create the scoring view if rules changed.
+
+    Idempotent: safe on every start, and on a store another collector already prepared.
+    """
+    current = client.query(
+        "SELECT comment FROM system.tables WHERE database = currentDatabase() AND name = {n:String}",
+        parameters={"n": f"{schema.SPANS}_mv"},
+    ).result_rows
+    if current and current[0][0] != f"risk rules {rules.digest}":
+        log.info("risk rules changed: re-creating %s_mv", schema.SPANS)
+        client.command(f"DROP VIEW IF EXISTS {schema.SPANS}_mv")
+    for statement in schema.statements(rules):
+        client.command(statement)
+
+
+def prepare(config: StoreConfig, rules: RiskRules) -> Client:
+    """Open the store, create its schema, and return a client for the caller's use."""
+    _ensure_database(config)
+    client = open_client(config)
+    try:
+        migrate(client, rules)
+    except Exception as exc:
+        client.close()
+        raise StoreError(f"cannot create the agentgov schema in {config.redacted()}: {exc}") from exc
+    return client

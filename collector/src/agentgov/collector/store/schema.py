@@ -1,0 +1,406 @@
+"""Where the tables are defined: ``otel_traces`` and the governance tables derived from it.
+
+``otel_traces`` (and its trace-id lookup) use the DDL of the OpenTelemetry Collector's
+ClickHouse exporter, so that exporter can write to the same table and Grafana's
+ClickHouse plugin reads it as traces. Everything agentgov adds hangs off it by
+materialized views, so spans analysed are the same whichever route they arrived by:
+
+    agentgov_otlp_ingest (Null) --mv--> otel_traces --mv--> agentgov_spans --mv--> agentgov_sessions
+    (raw OTLP protobuf,                 (exporter DDL)      (typed, by session)  \-mv--> agentgov_edges
+     decoded by ClickHouse)             \--mv--> otel_traces_trace_id_ts
+"""
+
+from __future__ import annotations
+
+from importlib import resources as importlib_resources
+
+from clickhouse_connect.driver.binding import format_query_value
+
+from agentgov.collector.risk import RiskRules
+
+TRACES = "otel_traces"
+INGEST = "agentgov_otlp_ingest"
+SPANS = "agentgov_spans"
+SESSIONS = "agentgov_sessions"
+EDGES = "agentgov_edges"
+RECEIPTS = "agentgov_otlp_receipts"
+
+
+def ingest_proto() -> str:
+    """The protobuf schema ClickHouse decodes OTLP requests with."""
+    return (
+        importlib_resources.files("agentgov.collector.store")
+        .joinpath("otlp_ingest.proto")
+        .read_text("utf-8")
+    )
+
+
+OTEL_TRACES = f"""
+CREATE TABLE IF NOT EXISTS {TRACES} (
+    Timestamp DateTime64(9) CODEC(Delta(8), ZSTD(1)),
+    TraceId String CODEC(ZSTD(1)),
+    SpanId String CODEC(ZSTD(1)),
+    ParentSpanId String CODEC(ZSTD(1)),
+    TraceState String CODEC(ZSTD(1)),
+    SpanName LowCardinality(String) CODEC(ZSTD(1)),
+    SpanKind LowCardinality(String) CODEC(ZSTD(1)),
+    ServiceName LowCardinality(String) CODEC(ZSTD(1)),
+    ResourceAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ScopeName String CODEC(ZSTD(1)),
+    ScopeVersion String CODEC(ZSTD(1)),
+    SpanAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    Duration UInt64 CODEC(T64, ZSTD(1)),
+    StatusCode LowCardinality(String) CODEC(ZSTD(1)),
+    StatusMessage String CODEC(ZSTD(1)),
+    Events Nested (
+        Timestamp DateTime64(9),
+        Name LowCardinality(String),
+        Attributes Map(LowCardinality(String), String)
+    ) CODEC(ZSTD(1)),
+    Links Nested (
+        TraceId String,
+        SpanId String,
+        TraceState String,
+        Attributes Map(LowCardinality(String), String)
+    ) CODEC(ZSTD(1)),
+    ResourceAttributeItems Array(String) ALIAS arrayMap(kv -> concat(kv.1, '=', kv.2), CAST(ResourceAttributes, 'Array(Tuple(String, String))')),
+    SpanAttributeItems Array(String) ALIAS arrayMap(kv -> concat(kv.1, '=', kv.2), CAST(SpanAttributes, 'Array(Tuple(String, String))')),
+    INDEX idx_trace_id TraceId TYPE bloom_filter(0.001) GRANULARITY 1,
+    INDEX idx_res_attr_key mapKeys(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_res_attr_value mapValues(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_span_attr_key mapKeys(SpanAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_span_attr_value mapValues(SpanAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_duration Duration TYPE minmax GRANULARITY 1,
+    INDEX idx_lower_span_name lower(SpanName) TYPE tokenbf_v1(32768, 3, 0) GRANULARITY 8
+) ENGINE = MergeTree()
+PARTITION BY toDate(Timestamp)
+PRIMARY KEY (ServiceName, SpanName, toDateTime(Timestamp))
+ORDER BY (ServiceName, SpanName, toDateTime(Timestamp), Timestamp)
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1
+"""
+
+TRACE_ID_TS = f"""
+CREATE TABLE IF NOT EXISTS {TRACES}_trace_id_ts (
+    TraceId String CODEC(ZSTD(1)),
+    Start SimpleAggregateFunction(min, DateTime) CODEC(ZSTD(1)),
+    End SimpleAggregateFunction(max, DateTime) CODEC(ZSTD(1))
+) ENGINE = AggregatingMergeTree()
+PARTITION BY toStartOfWeek(Start)
+ORDER BY (TraceId)
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1
+"""
+
+TRACE_ID_TS_MV = f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS {TRACES}_trace_id_ts_mv
+TO {TRACES}_trace_id_ts
+AS SELECT
+    TraceId,
+    min(Timestamp) as Start,
+    max(Timestamp) as End
+FROM {TRACES}
+WHERE TraceId != ''
+GROUP BY TraceId
+"""
+
+# -- raw OTLP ingest: ClickHouse decodes the protobuf and flattens it ---------------------
+
+_SCALAR_TAGS = "'none' = 0, 'string_value' = 1, 'bool_value' = 2, 'int_value' = 3, 'double_value' = 4"
+_SCALAR = (
+    f"Tuple(value Enum8({_SCALAR_TAGS}, 'array_value' = 5, 'kvlist_value' = 6, 'bytes_value' = 7),"
+    " string_value String, bool_value Bool, int_value Int64, double_value Float64,"
+    " array_value String, kvlist_value String, bytes_value String)"
+)
+_ANY = (
+    f"Tuple(value Enum8({_SCALAR_TAGS}, 'array_value' = 5, 'kvlist_value' = 6, 'bytes_value' = 7),"
+    " string_value String, bool_value Bool, int_value Int64, double_value Float64,"
+    f" array_value Tuple(values Array({_SCALAR})), kvlist_value String, bytes_value String)"
+)
+_ATTRS = f"Array(Tuple(key String, value {_ANY}))"
+
+INGEST_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {INGEST} (
+    resource_spans Array(Tuple(
+        resource Tuple(attributes {_ATTRS}),
+        scope_spans Array(Tuple(
+            scope Tuple(name String, version String),
+            spans Array(Tuple(
+                trace_id String, span_id String, trace_state String, parent_span_id String,
+                name String, kind Int32, start_time_unix_nano UInt64, end_time_unix_nano UInt64,
+                attributes {_ATTRS},
+                events Array(Tuple(time_unix_nano UInt64, name String, attributes {_ATTRS})),
+                links Array(Tuple(trace_id String, span_id String, trace_state String, attributes {_ATTRS})),
+                status Tuple(message String, code Int32)
+            ))
+        ))
+    ))
+) ENGINE = Null
+"""
+
+
+def _scalar_sql(v: str, raw_arrays: bool) -> str:
+    """An attribute value rendered as the OpenTelemetry Collector's exporter renders it.
+
+    ``raw_arrays``: arrays at this level arrive as raw protobuf bytes (values nested in an
+    array); at the top level they are decoded and rendered as JSON by :func:`_any_sql`.
+    """
+    raw_array = (
+        f" {v}.value = 'array_value', concat('otlp:', base64Encode({v}.array_value)),"
+        if raw_arrays
+        else ""
+    )
+    return (
+        f"multiIf({v}.value = 'string_value', {v}.string_value,"
+        f" {v}.value = 'int_value', toString({v}.int_value),"
+        f" {v}.value = 'double_value', toString({v}.double_value),"
+        f" {v}.value = 'bool_value', if({v}.bool_value, 'true', 'false'),"
+        f" {v}.value = 'bytes_value', base64Encode({v}.bytes_value),"
+        f" {v}.value = 'kvlist_value', concat('otlp:', base64Encode({v}.kvlist_value)),"
+        f"{raw_array} '')"
+    )
+
+
+def _any_sql(v: str) -> str:
+    return (
+        f"if({v}.value = 'array_value',"
+        f" toJSONString(arrayMap(x -> {_scalar_sql('x', True)}, {v}.array_value.values)),"
+        f" {_scalar_sql(v, False)})"
+    )
+
+
+def _map_sql(attrs: str) -> str:
+    return f"mapFromArrays(arrayMap(kv -> kv.key, {attrs}), arrayMap(kv -> {_any_sql('kv.value')}, {attrs}))"
+
+
+INGEST_MV = f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS {INGEST}_mv TO {TRACES} AS
+SELECT
+    fromUnixTimestamp64Nano(toInt64(s.start_time_unix_nano)) AS Timestamp,
+    lower(hex(s.trace_id)) AS TraceId,
+    lower(hex(s.span_id)) AS SpanId,
+    lower(hex(s.parent_span_id)) AS ParentSpanId,
+    s.trace_state AS TraceState,
+    s.name AS SpanName,
+    ['Unspecified', 'Internal', 'Server', 'Client', 'Producer', 'Consumer'][s.kind + 1] AS SpanKind,
+    rattrs['service.name'] AS ServiceName,
+    rattrs AS ResourceAttributes,
+    ss.scope.name AS ScopeName,
+    ss.scope.version AS ScopeVersion,
+    {_map_sql('s.attributes')} AS SpanAttributes,
+    s.end_time_unix_nano - s.start_time_unix_nano AS Duration,
+    ['Unset', 'Ok', 'Error'][s.status.code + 1] AS StatusCode,
+    s.status.message AS StatusMessage,
+    arrayMap(e -> fromUnixTimestamp64Nano(toInt64(e.time_unix_nano)), s.events) AS `Events.Timestamp`,
+    arrayMap(e -> e.name, s.events) AS `Events.Name`,
+    arrayMap(e -> {_map_sql('e.attributes')}, s.events) AS `Events.Attributes`,
+    arrayMap(l -> lower(hex(l.trace_id)), s.links) AS `Links.TraceId`,
+    arrayMap(l -> lower(hex(l.span_id)), s.links) AS `Links.SpanId`,
+    arrayMap(l -> l.trace_state, s.links) AS `Links.TraceState`,
+    arrayMap(l -> {_map_sql('l.attributes')}, s.links) AS `Links.Attributes`
+FROM {INGEST}
+ARRAY JOIN resource_spans AS rs
+ARRAY JOIN rs.scope_spans AS ss
+ARRAY JOIN ss.spans AS s
+ARRAY JOIN [{_map_sql('rs.resource.attributes')}] AS rattrs
+"""
+
+#: settings for inserts into the ingest table (exporter-compatible JSON of arrays)
+INGEST_SETTINGS = {
+    "format_schema_source": "string",
+    "format_schema_message_name": "ExportTraceServiceRequest",
+    "input_format_protobuf_oneof_presence": 1,
+    "output_format_json_escape_forward_slashes": 0,
+}
+
+# -- governance tables ---------------------------------------------------------------------
+
+AGENT_SPANS = f"""
+CREATE TABLE IF NOT EXISTS {SPANS} (
+    SessionId String CODEC(ZSTD(1)),
+    Timestamp DateTime64(9) CODEC(Delta(8), ZSTD(1)),
+    TraceId String CODEC(ZSTD(1)),
+    SpanId String CODEC(ZSTD(1)),
+    ParentSpanId String CODEC(ZSTD(1)),
+    ServiceName LowCardinality(String),
+    SpanName LowCardinality(String),
+    Operation LowCardinality(String),
+    AgentId String CODEC(ZSTD(1)),
+    AgentName LowCardinality(String),
+    ParentAgentId String CODEC(ZSTD(1)),
+    Chain Array(String) CODEC(ZSTD(1)),
+    Depth UInt16,
+    Intent String CODEC(ZSTD(3)),
+    Task String CODEC(ZSTD(1)),
+    Role LowCardinality(String),
+    Permissions Array(String) CODEC(ZSTD(1)),
+    ToolName LowCardinality(String),
+    Command String CODEC(ZSTD(1)),
+    Resources Array(String) CODEC(ZSTD(1)),
+    RiskScore UInt8,
+    RiskRules Array(LowCardinality(String)),
+    CostUsd Float64,
+    InputTokens UInt64,
+    OutputTokens UInt64,
+    Messages UInt32,
+    Duration UInt64 CODEC(T64, ZSTD(1)),
+    StatusCode LowCardinality(String),
+    StatusMessage String CODEC(ZSTD(1))
+) ENGINE = MergeTree()
+PARTITION BY toYYYYMM(Timestamp)
+ORDER BY (SessionId, Timestamp, SpanId)
+"""
+
+
+def agent_spans_mv(rules: RiskRules) -> str:
+    """The view that types agent spans and scores their commands with ``rules``.
+
+    Foreign conventions map onto the same columns: OpenInference and OpenLLMetry span
+    kinds and session ids, GenAI conversation ids. An emitter's own risk score is a
+    floor, never a ceiling: an agent cannot talk its command's risk down.
+    """
+    a = "SpanAttributes"
+    json_arr = "JSONExtract({}, 'Array(String)')"
+    return f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS {SPANS}_mv TO {SPANS} AS
+WITH
+    coalesce(nullIf({a}['agentgov.session.id'], ''), nullIf({a}['session.id'], ''),
+             nullIf({a}['gen_ai.conversation.id'], ''),
+             nullIf({a}['traceloop.association.properties.session_id'], ''), '') AS sid,
+    multiIf({a}['gen_ai.operation.name'] != '', {a}['gen_ai.operation.name'],
+            upper({a}['openinference.span.kind']) = 'AGENT', 'invoke_agent',
+            upper({a}['openinference.span.kind']) = 'TOOL', 'execute_tool',
+            {a}['traceloop.span.kind'] = 'agent', 'invoke_agent',
+            {a}['traceloop.span.kind'] = 'tool', 'execute_tool', '') AS op,
+    if({a}['gen_ai.agent.id'] != '', {a}['gen_ai.agent.id'], {a}['gen_ai.agent.name']) AS aid,
+    {json_arr.format(f"{a}['agentgov.delegation.chain']")} AS chain0,
+    if(empty(chain0) AND aid != '', [aid], chain0) AS chain,
+    {a}['agentgov.command'] AS cmd,
+    {json_arr.format(f"{a}['agentgov.resources']")} AS res
+SELECT
+    sid AS SessionId,
+    Timestamp, TraceId, SpanId, ParentSpanId, ServiceName, SpanName,
+    op AS Operation,
+    aid AS AgentId,
+    {a}['gen_ai.agent.name'] AS AgentName,
+    {a}['agentgov.agent.parent_id'] AS ParentAgentId,
+    chain AS Chain,
+    if({a}['agentgov.delegation.depth'] != '', toUInt16OrZero({a}['agentgov.delegation.depth']),
+       toUInt16(greatest(length(chain), 1) - 1)) AS Depth,
+    {a}['agentgov.intent'] AS Intent,
+    {a}['agentgov.task'] AS Task,
+    {a}['agentgov.agent.role'] AS Role,
+    {json_arr.format(f"{a}['agentgov.permissions']")} AS Permissions,
+    {a}['gen_ai.tool.name'] AS ToolName,
+    cmd AS Command,
+    res AS Resources,
+    if(op = 'execute_tool' OR cmd != '',
+       greatest(toUInt8(least(100, toUInt32OrZero({a}['agentgov.risk.score']))), {rules.sql_score('cmd', 'res')}),
+       toUInt8(0)) AS RiskScore,
+    if(op = 'execute_tool' OR cmd != '', {rules.sql_rule_names('cmd', 'res')}, []) AS RiskRules,
+    toFloat64OrZero({a}['agentgov.cost.usd']) AS CostUsd,
+    toUInt64OrZero({a}['gen_ai.usage.input_tokens']) AS InputTokens,
+    toUInt64OrZero({a}['gen_ai.usage.output_tokens']) AS OutputTokens,
+    toUInt32(countEqual(`Events.Name`, 'agentgov.message')) AS Messages,
+    Duration, StatusCode, StatusMessage
+FROM {TRACES}
+WHERE sid != ''
+COMMENT {format_query_value('risk rules ' + rules.digest)}
+"""
+
+
+SESSIONS_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {SESSIONS} (
+    SessionId String,
+    FirstSeen SimpleAggregateFunction(min, DateTime64(9)),
+    LastSeen SimpleAggregateFunction(max, DateTime64(9)),
+    -- every span of a session carries the same intent; max() keeps it over foreign spans' ''
+    Intent SimpleAggregateFunction(max, String),
+    Services SimpleAggregateFunction(groupUniqArrayArray, Array(String)),
+    Agents AggregateFunction(uniqExact, String),
+    Spans SimpleAggregateFunction(sum, UInt64),
+    ToolCalls SimpleAggregateFunction(sum, UInt64),
+    Handoffs SimpleAggregateFunction(sum, UInt64),
+    MaxDepth SimpleAggregateFunction(max, UInt16),
+    CostUsd SimpleAggregateFunction(sum, Float64),
+    InputTokens SimpleAggregateFunction(sum, UInt64),
+    OutputTokens SimpleAggregateFunction(sum, UInt64),
+    MaxRisk SimpleAggregateFunction(max, UInt8),
+    -- session risk = 100 * (1 - exp(RiskLogSum)): noisy-OR of command risks
+    RiskLogSum SimpleAggregateFunction(sum, Float64),
+    Errors SimpleAggregateFunction(sum, UInt64),
+    RootEnded SimpleAggregateFunction(max, UInt8)
+) ENGINE = AggregatingMergeTree()
+ORDER BY SessionId
+"""
+
+SESSIONS_MV = f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS {SESSIONS}_mv TO {SESSIONS} AS
+SELECT
+    SessionId,
+    min(Timestamp) AS FirstSeen,
+    max(Timestamp + toIntervalNanosecond(Duration)) AS LastSeen,
+    max(Intent) AS Intent,
+    groupUniqArray(toString(ServiceName)) AS Services,
+    uniqExactStateIf(AgentId, AgentId != '') AS Agents,
+    count() AS Spans,
+    countIf(Operation = 'execute_tool') AS ToolCalls,
+    countIf(Operation = 'invoke_agent' AND ParentAgentId != '') AS Handoffs,
+    max(Depth) AS MaxDepth,
+    sum(CostUsd) AS CostUsd,
+    sum(InputTokens) AS InputTokens,
+    sum(OutputTokens) AS OutputTokens,
+    max(RiskScore) AS MaxRisk,
+    sum(log1p(-least(RiskScore, 99.5) / 100)) AS RiskLogSum,
+    countIf(StatusCode = 'Error') AS Errors,
+    toUInt8(max(Operation = 'invoke_agent' AND Depth = 0 AND ParentAgentId = '')) AS RootEnded
+FROM {SPANS}
+GROUP BY SessionId
+"""
+
+EDGES_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {EDGES} (
+    SessionId String,
+    ParentAgentId String,
+    AgentId String,
+    AgentName LowCardinality(String),
+    Role LowCardinality(String),
+    Task String,
+    Depth UInt16,
+    Timestamp DateTime64(9)
+) ENGINE = ReplacingMergeTree(Timestamp)
+ORDER BY (SessionId, ParentAgentId, AgentId)
+"""
+
+EDGES_MV = f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS {EDGES}_mv TO {EDGES} AS
+SELECT SessionId, ParentAgentId, AgentId, AgentName, Role, Task, Depth, Timestamp
+FROM {SPANS}
+WHERE Operation = 'invoke_agent' AND ParentAgentId != '' AND AgentId != ''
+"""
+
+RECEIPTS_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {RECEIPTS} (
+    Digest String,
+    State UInt8,  -- 1 = pending (insert under way), 2 = committed (durable, acknowledged)
+    At DateTime DEFAULT now()
+) ENGINE = ReplacingMergeTree(State)
+ORDER BY Digest
+TTL At + INTERVAL 1 DAY
+"""
+
+
+def statements(rules: RiskRules) -> list[str]:
+    """All DDL, in dependency order (targets before the views that feed them)."""
+    return [
+        OTEL_TRACES,
+        TRACE_ID_TS,
+        TRACE_ID_TS_MV,
+        AGENT_SPANS,
+        SESSIONS_TABLE,
+        EDGES_TABLE,
+        SESSIONS_MV,
+        EDGES_MV,
+        agent_spans_mv(rules),
+        INGEST_TABLE,
+        INGEST_MV,
+        RECEIPTS_TABLE,
+    ]

@@ -1,0 +1,310 @@
+"""Where spans are written: group-committed, durable, deduplicated OTLP ingest.
+
+Each accepted OTLP request is a serialized ``ExportTraceServiceRequest``. One writer
+thread takes every request queued at that moment and writes them as a single insert into
+the ingest table, where ClickHouse decodes the protobuf and the materialized views fan the
+spans out to ``otel_traces`` and the governance tables. Under light load a request is
+written at once; under heavy load blocks grow by themselves (group commit), which is what
+makes ClickHouse inserts cheap per span.
+
+Durability and retries: a request's future resolves only after its insert returned, so an
+acknowledged request is on disk. Each request is identified by a digest of its bytes; a
+receipt is written ``pending`` before the insert and ``committed`` after it. A retry of a
+committed request is acknowledged without writing; a retry of a request whose insert was
+cut off by a crash (``pending`` only) has the spans already stored removed first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from clickhouse_connect.driver.client import Client
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from agentgov.collector.store import schema
+from agentgov.collector.store.connection import StoreConfig, open_client
+
+log = logging.getLogger(__name__)
+
+PENDING, COMMITTED = 1, 2
+
+
+class WriterOverloaded(RuntimeError):
+    """The write queue is full; the client should retry later (HTTP 503 / gRPC UNAVAILABLE)."""
+
+
+class WriterClosed(RuntimeError):
+    """The writer is shutting down."""
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        bits = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(bits | 0x80)
+        else:
+            out.append(bits)
+            return bytes(out)
+
+
+def request_digest(payload: bytes) -> str:
+    return hashlib.blake2b(payload, digest_size=16).hexdigest()
+
+
+@dataclass
+class _Item:
+    digest: str
+    payload: bytes
+    spans: int
+    future: Future[int] = field(default_factory=Future)
+    size: int = 0
+
+    def __post_init__(self) -> None:
+        self.size = len(self.payload)
+
+
+@dataclass
+class WriterStats:
+    requests: int = 0
+    spans: int = 0
+    duplicates: int = 0
+    batches: int = 0
+    failed_requests: int = 0
+    last_batch_requests: int = 0
+
+
+class SpanWriter:
+    """Group-commit writer of OTLP requests into the store (one thread, its own client)."""
+
+    def __init__(
+        self,
+        config: StoreConfig,
+        max_batch_bytes: int = 64 << 20,
+        max_queue_bytes: int = 512 << 20,
+        remembered_requests: int = 500_000,
+        receipt_window_s: int = 6 * 3600,
+    ) -> None:
+        self._config = config
+        self._max_batch_bytes = max_batch_bytes
+        self._max_queue_bytes = max_queue_bytes
+        self._remembered = remembered_requests
+        self._receipt_window_s = receipt_window_s
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._queued_bytes = 0
+        self._lock = threading.Lock()
+        self._inflight: dict[str, _Item] = {}
+        self._committed: OrderedDict[str, None] = OrderedDict()
+        self._in_doubt: set[str] = set()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._client: Client | None = None
+        self._settings = {**schema.INGEST_SETTINGS, "format_schema": schema.ingest_proto()}
+        self.stats = WriterStats()
+        #: called with the number of spans after each committed batch (for live analytics)
+        self.on_commit: list = []
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> SpanWriter:
+        self._client = open_client(self._config)
+        self._load_receipts()
+        self._thread = threading.Thread(target=self._run, name="agentgov-span-writer", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write what is queued, then stop."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._client is not None:
+            self._client.close()
+
+    def _load_receipts(self) -> None:
+        assert self._client is not None
+        rows = self._client.query(
+            f"SELECT Digest, max(State) FROM {schema.RECEIPTS} "
+            "WHERE At > now() - toIntervalSecond({w:UInt32}) GROUP BY Digest",
+            parameters={"w": self._receipt_window_s},
+        ).result_rows
+        for digest, state in rows:
+            if state >= COMMITTED:
+                self._remember(digest)
+            else:
+                self._in_doubt.add(digest)
+        if self._in_doubt:
+            log.warning(
+                "%d OTLP requests were being written when the collector stopped; "
+                "their retries will be checked span by span",
+                len(self._in_doubt),
+            )
+
+    def _remember(self, digest: str) -> None:
+        self._committed[digest] = None
+        while len(self._committed) > self._remembered:
+            self._committed.popitem(last=False)
+
+    # -- submission ----------------------------------------------------------------------
+
+    def submit(self, payload: bytes, spans: int) -> Future[int]:
+        """Queue one validated request; the future gives the spans written (0: duplicate)."""
+        digest = request_digest(payload)
+        with self._lock:
+            if self._closed:
+                raise WriterClosed("the collector is shutting down; retry against another one")
+            if digest in self._committed:
+                self.stats.duplicates += 1
+                done: Future[int] = Future()
+                done.set_result(0)
+                return done
+            existing = self._inflight.get(digest)
+            if existing is not None:
+                self.stats.duplicates += 1
+                return existing.future
+            if self._queued_bytes + len(payload) > self._max_queue_bytes:
+                raise WriterOverloaded(
+                    "the write queue is full; retry with backoff (OTLP exporters do this)"
+                )
+            item = _Item(digest, payload, spans)
+            self._inflight[digest] = item
+            self._queued_bytes += len(payload)
+        self._queue.put(item)
+        return item.future
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until everything submitted so far is written."""
+        with self._lock:
+            pending = [i.future for i in self._inflight.values()]
+        deadline = time.monotonic() + timeout
+        for fut in pending:
+            try:
+                fut.result(max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - the submitter sees the error; flush only waits
+                pass
+
+    # -- the writer thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            if item is None:
+                break
+            batch = [item]
+            size = len(item.payload)
+            while size < self._max_batch_bytes:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+                size += len(nxt.payload)
+            self._write_batch(batch)
+
+    def _write_batch(self, batch: list[_Item]) -> None:
+        assert self._client is not None
+        for item in batch:
+            if item.digest in self._in_doubt:
+                self._drop_stored_spans(item)
+        try:
+            self._insert(batch)
+        except Exception as exc:  # noqa: BLE001
+            if len(batch) == 1:
+                self._finish(batch, exc)
+                return
+            # One bad request must not fail its neighbours: write them one by one.
+            log.warning("batch insert failed (%s); retrying its %d requests one by one", exc, len(batch))
+            for item in batch:
+                try:
+                    self._insert([item])
+                except Exception as one_exc:  # noqa: BLE001
+                    self._finish([item], one_exc)
+                else:
+                    self._finish([item], None)
+            return
+        self._finish(batch, None)
+
+    def _insert(self, batch: list[_Item]) -> None:
+        assert self._client is not None
+        digests = [[i.digest, PENDING] for i in batch]
+        self._client.insert(schema.RECEIPTS, digests, column_names=["Digest", "State"])
+        block = b"".join(_varint(len(i.payload)) + i.payload for i in batch if i.payload)
+        if block:
+            self._client.raw_insert(
+                schema.INGEST, insert_block=block, fmt="Protobuf", settings=self._settings
+            )
+        self._client.insert(
+            schema.RECEIPTS, [[d, COMMITTED] for d, _ in digests], column_names=["Digest", "State"]
+        )
+
+    def _finish(self, batch: list[_Item], exc: BaseException | None) -> None:
+        written = 0
+        with self._lock:
+            for item in batch:
+                self._inflight.pop(item.digest, None)
+                self._queued_bytes -= item.size
+                if exc is None:
+                    self._remember(item.digest)
+                    self._in_doubt.discard(item.digest)
+                    written += item.spans
+            if exc is None:
+                self.stats.requests += len(batch)
+                self.stats.spans += written
+                self.stats.batches += 1
+                self.stats.last_batch_requests = len(batch)
+            else:
+                self.stats.failed_requests += len(batch)
+        for item in batch:
+            if exc is None:
+                item.future.set_result(item.spans)
+            else:
+                item.future.set_exception(exc)
+        if exc is None:
+            for callback in self.on_commit:
+                try:
+                    callback(written)
+                except Exception:  # noqa: BLE001 - listeners never break ingest
+                    log.exception("commit listener failed")
+
+    def _drop_stored_spans(self, item: _Item) -> None:
+        """Remove from ``item`` the spans a crashed earlier attempt already stored."""
+        assert self._client is not None
+        request = ExportTraceServiceRequest.FromString(item.payload)
+        trace_ids = sorted(
+            {s.trace_id.hex() for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans}
+        )
+        if not trace_ids:
+            return
+        stored = {
+            (t, s)
+            for t, s in self._client.query(
+                f"SELECT TraceId, SpanId FROM {schema.TRACES} WHERE TraceId IN {{ids:Array(String)}}",
+                parameters={"ids": trace_ids},
+            ).result_rows
+        }
+        kept = 0
+        for rs in request.resource_spans:
+            for ss in rs.scope_spans:
+                keep = [s for s in ss.spans if (s.trace_id.hex(), s.span_id.hex()) not in stored]
+                del ss.spans[:]
+                ss.spans.extend(keep)
+                kept += len(keep)
+        log.info("retry of an interrupted request: %d of %d spans were not yet stored", kept, item.spans)
+        item.payload = request.SerializeToString() if kept else b""
+        item.spans = kept
