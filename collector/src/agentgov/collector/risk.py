@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources as importlib_resources
@@ -19,6 +20,45 @@ from pathlib import Path
 import yaml
 from clickhouse_connect.driver.binding import format_query_value
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+# RE2 (ClickHouse) and Python's re differ outside ASCII; these make Python read a pattern
+# as RE2 does: ASCII classes and case folding, and RE2's \s, which excludes \v.
+_RE2_SPACE = "[\t\n\f\r ]"
+_ESCAPED_S = re.compile(r"(?<!\\)((?:\\\\)*)\\([sS])")
+
+# Both engines match the NFKC form of a command, with Unicode spaces and \v read as a
+# plain space: "ｒｍ -ｒｆ" (fullwidth) or "rm<no-break space>-rf" cannot slip past a rule
+# written for "rm -rf", and RE2's Unicode case folding has nothing left to fold.
+_SPACE_CHARS = "\x0b\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_PY_SPACES = re.compile(f"[{_SPACE_CHARS}]")
+_SQL_SPACES = (
+    "[\\x0b\\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\\x{2028}\\x{2029}"
+    "\\x{202f}\\x{205f}\\x{3000}]"
+)
+
+
+def compile_re2(pattern: str) -> re.Pattern[str]:
+    """Compile an RE2 pattern with Python's re so that both match the same strings."""
+
+    def swap(m: re.Match[str]) -> str:
+        cls = _RE2_SPACE if m.group(2) == "s" else "[^\t\n\f\r ]"
+        return m.group(1) + cls
+
+    return re.compile(_ESCAPED_S.sub(swap, pattern), re.ASCII)
+
+
+def normalize(text: str) -> str:
+    """What the rules see of a command or resource (see :func:`sql_normalize`)."""
+    return _PY_SPACES.sub(" ", unicodedata.normalize("NFKC", text))
+
+
+def sql_normalize(expr: str) -> str:
+    """SQL twin of :func:`normalize`."""
+    return (
+        f"replaceRegexpAll(normalizeUTF8NFKC(toValidUTF8({expr})), "
+        f"{format_query_value(_SQL_SPACES)}, ' ')"
+    )
 
 
 class RiskRule(BaseModel):
@@ -38,7 +78,7 @@ class RiskRule(BaseModel):
         if pattern is not None:
             if re.search(r"\(\?[=!<]|\\[1-9]", pattern):
                 raise ValueError("look-arounds and backreferences are not RE2: rewrite without")
-            re.compile(pattern)
+            compile_re2(pattern)
         return pattern
 
     @model_validator(mode="after")
@@ -71,8 +111,8 @@ class RiskRules:
         self._compiled = [
             (
                 r,
-                re.compile(r.command) if r.command else None,
-                re.compile(r.resources) if r.resources else None,
+                compile_re2(r.command) if r.command else None,
+                compile_re2(r.resources) if r.resources else None,
             )
             for r in self.rules
         ]
@@ -124,6 +164,8 @@ class RiskRules:
         """Score one command in Python, exactly as the SQL expression does."""
         total = 0
         hits: list[str] = []
+        command = normalize(command)
+        resources = [normalize(r) for r in resources]
         for rule, cmd_re, res_re in self._compiled:
             matched = bool(cmd_re and cmd_re.search(command)) or bool(
                 res_re and any(res_re.search(r) for r in resources)
@@ -143,25 +185,26 @@ class RiskRules:
             )
         return "(" + " OR ".join(parts) + ")"
 
-    def sql_score(self, command: str, resources: str) -> str:
-        """SQL expression for the score, over the given command and resources columns."""
-        if not self.rules:
-            return "toUInt8(0)"
-        terms = " + ".join(
-            f"if({self._condition(r, command, resources)}, {r.score}, 0)" for r in self.rules
-        )
-        return f"toUInt8(least(100, {terms}))"
+    def sql_hits(self, command: str, resources: str) -> str:
+        """SQL expression: one UInt8 per rule, 1 where the rule matches (Array(UInt8)).
 
-    def sql_rule_names(self, command: str, resources: str) -> str:
-        """SQL expression for the names of the matched rules, as Array(String)."""
+        ``command`` and ``resources`` must already be normalized (:func:`sql_normalize`).
+        """
         if not self.rules:
-            return "CAST([], 'Array(String)')"
-        items = ", ".join(
-            f"if({self._condition(r, command, resources)}, {format_query_value(r.name)}, '')"
-            for r in self.rules
-        )
-        return f"arrayFilter(x -> x != '', [{items}])"
+            return "CAST([], 'Array(UInt8)')"
+        return "[" + ", ".join(
+            f"toUInt8{self._condition(r, command, resources)}" for r in self.rules
+        ) + "]"
 
+    def sql_score(self, hits: str) -> str:
+        """SQL expression for the score, from the :meth:`sql_hits` array ``hits``."""
+        scores = "[" + ", ".join(str(r.score) for r in self.rules) + "]"
+        return f"toUInt8(least(100, arraySum(arrayMap((h, w) -> h * w, {hits}, CAST({scores}, 'Array(UInt32)')))))"
+
+    def sql_rule_names(self, hits: str) -> str:
+        """SQL expression for the names of the matched rules (Array(String))."""
+        names = "[" + ", ".join(format_query_value(r.name) for r in self.rules) + "]"
+        return f"arrayFilter((n, h) -> h = 1, CAST({names}, 'Array(String)'), {hits})"
 
 def combine_session_risk(scores: Sequence[int]) -> int:
     """Session risk from command risks: the chance that at least one command is harmful,

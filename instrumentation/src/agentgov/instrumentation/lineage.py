@@ -10,15 +10,19 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass, field, replace
+from urllib.parse import quote_plus
 
 from opentelemetry import context as otel_context
 
 _ID_RE = re.compile(r"^[A-Za-z0-9._:@/-]{1,128}$")
 _LINEAGE_KEY = otel_context.create_key("agentgov.lineage")
 
-#: W3C baggage allows 8192 bytes in all; the intent is the only free-text entry,
-#: so it is capped well below that (the full text is also on the root agent's span).
-MAX_INTENT_BYTES = 2048
+#: W3C baggage entries are percent-encoded and capped (4096 bytes each, 8192 in all, in
+#: the OpenTelemetry propagator, which silently drops a longer entry). Free-text entries
+#: are clipped to these encoded sizes when they cross a process boundary; in the process
+#: that opened the session, spans carry the full intent.
+MAX_BAGGAGE_INTENT = 3000
+MAX_BAGGAGE_TEXT = 600
 
 
 class InvalidIdError(ValueError):
@@ -44,12 +48,21 @@ def new_id(prefix: str) -> str:
     return f"{clean}-{uuid.uuid4().hex[:8]}"
 
 
-def clip_intent(intent: str) -> str:
-    """Cap the intent to :data:`MAX_INTENT_BYTES` of UTF-8 without splitting a character."""
-    raw = intent.encode("utf-8")
-    if len(raw) <= MAX_INTENT_BYTES:
-        return intent
-    return raw[:MAX_INTENT_BYTES].decode("utf-8", errors="ignore")
+def clip_for_baggage(text: str, limit: int = MAX_BAGGAGE_INTENT) -> str:
+    """The longest prefix of ``text`` whose percent-encoded form fits in ``limit`` bytes.
+
+    Cuts between characters, never inside one.
+    """
+    if len(quote_plus(text)) <= limit:
+        return text
+    lo, hi = 0, len(text)
+    while lo < hi:  # largest prefix length that fits
+        mid = (lo + hi + 1) // 2
+        if len(quote_plus(text[:mid])) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo]
 
 
 @dataclass(frozen=True, slots=True)

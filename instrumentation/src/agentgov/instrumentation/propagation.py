@@ -16,9 +16,11 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from agentgov.instrumentation import conventions as cv
 from agentgov.instrumentation.lineage import (
+    MAX_BAGGAGE_INTENT,
+    MAX_BAGGAGE_TEXT,
     Lineage,
     check_id,
-    clip_intent,
+    clip_for_baggage,
     current_lineage,
     with_lineage,
 )
@@ -30,29 +32,43 @@ _BAGGAGE = W3CBaggagePropagator()
 ENV_KEYS = {"traceparent": "TRACEPARENT", "tracestate": "TRACESTATE", "baggage": "BAGGAGE"}
 
 
+_LINEAGE_KEYS = (
+    cv.BAGGAGE_SESSION_ID,
+    cv.BAGGAGE_CHAIN,
+    cv.BAGGAGE_INTENT,
+    cv.BAGGAGE_PERMISSIONS,
+    cv.BAGGAGE_TASK,
+    cv.BAGGAGE_HANDOFF_TO,
+    cv.BAGGAGE_ROLE,
+)
+
+
 def _lineage_entries(lineage: Lineage) -> dict[str, str]:
     entries = {
         cv.BAGGAGE_SESSION_ID: lineage.session_id,
         cv.BAGGAGE_CHAIN: ",".join(lineage.chain),
-        cv.BAGGAGE_INTENT: clip_intent(lineage.intent),
+        cv.BAGGAGE_INTENT: clip_for_baggage(lineage.intent, MAX_BAGGAGE_INTENT),
+        cv.BAGGAGE_TASK: clip_for_baggage(lineage.task, MAX_BAGGAGE_TEXT),
+        cv.BAGGAGE_HANDOFF_TO: lineage.handoff_to,
+        cv.BAGGAGE_ROLE: clip_for_baggage(lineage.role, MAX_BAGGAGE_TEXT),
     }
     if lineage.permissions is not None:
         entries[cv.BAGGAGE_PERMISSIONS] = ",".join(lineage.permissions)
-    if lineage.task:
-        entries[cv.BAGGAGE_TASK] = lineage.task
-    if lineage.handoff_to:
-        entries[cv.BAGGAGE_HANDOFF_TO] = lineage.handoff_to
-    if lineage.role:
-        entries[cv.BAGGAGE_ROLE] = lineage.role
     return {k: v for k, v in entries.items() if v != "" or k == cv.BAGGAGE_PERMISSIONS}
 
 
 def context_with_baggage(ctx: otel_context.Context | None = None) -> otel_context.Context:
-    """``ctx`` with the active lineage written into its W3C baggage entries."""
+    """``ctx`` with the active lineage written into its W3C baggage entries.
+
+    Lineage entries received from upstream are replaced, not merged: a handoff's task and
+    target belong to the hop that received it and must not travel one hop further.
+    """
     ctx = ctx if ctx is not None else otel_context.get_current()
     lineage = current_lineage(ctx)
     if lineage is None:
         return ctx
+    for key in _LINEAGE_KEYS:
+        ctx = baggage.remove_baggage(key, ctx)
     for key, value in _lineage_entries(lineage).items():
         ctx = baggage.set_baggage(key, value, ctx)
     return ctx

@@ -22,7 +22,6 @@ from agentgov.instrumentation import conventions as cv
 from agentgov.instrumentation.lineage import (
     Lineage,
     check_id,
-    clip_intent,
     current_lineage,
     new_id,
     with_lineage,
@@ -377,7 +376,7 @@ class Governance:
         to every agent of the session in every process.
         """
         sid = check_id(session_id, "session id") if session_id else f"sess-{uuid.uuid4().hex}"
-        return SessionScope(self, Lineage(session_id=sid, intent=clip_intent(intent)))
+        return SessionScope(self, Lineage(session_id=sid, intent=intent))
 
     def agent(
         self,

@@ -6,8 +6,8 @@ ClickHouse plugin reads it as traces. Everything agentgov adds hangs off it by
 materialized views, so spans analysed are the same whichever route they arrived by:
 
     agentgov_otlp_ingest (Null) --mv--> otel_traces --mv--> agentgov_spans --mv--> agentgov_sessions
-    (raw OTLP protobuf,                 (exporter DDL)      (typed, by session)  \-mv--> agentgov_edges
-     decoded by ClickHouse)             \--mv--> otel_traces_trace_id_ts
+    (raw OTLP protobuf,                 (exporter DDL)      (typed, by session)  +-mv--> agentgov_edges
+     decoded by ClickHouse)             +--mv--> otel_traces_trace_id_ts
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from importlib import resources as importlib_resources
 
 from clickhouse_connect.driver.binding import format_query_value
 
-from agentgov.collector.risk import RiskRules
+from agentgov.collector.risk import RiskRules, sql_normalize
 
 TRACES = "otel_traces"
 INGEST = "agentgov_otlp_ingest"
@@ -183,8 +183,8 @@ SELECT
     ['Unspecified', 'Internal', 'Server', 'Client', 'Producer', 'Consumer'][s.kind + 1] AS SpanKind,
     rattrs['service.name'] AS ServiceName,
     rattrs AS ResourceAttributes,
-    ss.scope.name AS ScopeName,
-    ss.scope.version AS ScopeVersion,
+    scope.name AS ScopeName,
+    scope.version AS ScopeVersion,
     {_map_sql('s.attributes')} AS SpanAttributes,
     s.end_time_unix_nano - s.start_time_unix_nano AS Duration,
     ['Unset', 'Ok', 'Error'][s.status.code + 1] AS StatusCode,
@@ -197,10 +197,12 @@ SELECT
     arrayMap(l -> l.trace_state, s.links) AS `Links.TraceState`,
     arrayMap(l -> {_map_sql('l.attributes')}, s.links) AS `Links.Attributes`
 FROM {INGEST}
-ARRAY JOIN resource_spans AS rs
-ARRAY JOIN rs.scope_spans AS ss
-ARRAY JOIN ss.spans AS s
-ARRAY JOIN [{_map_sql('rs.resource.attributes')}] AS rattrs
+-- Unnest level by level, carrying only each level's own small parts forward: referring to
+-- a whole parent tuple after the next ARRAY JOIN would copy all its spans once per span.
+ARRAY JOIN tupleElement(resource_spans, 'scope_spans') AS scope_spans,
+           arrayMap(r -> {_map_sql('r.resource.attributes')}, resource_spans) AS rattrs
+ARRAY JOIN tupleElement(scope_spans, 'scope') AS scope, tupleElement(scope_spans, 'spans') AS spans
+ARRAY JOIN spans AS s
 """
 
 #: settings for inserts into the ingest table (exporter-compatible JSON of arrays)
@@ -274,7 +276,10 @@ WITH
     {json_arr.format(f"{a}['agentgov.delegation.chain']")} AS chain0,
     if(empty(chain0) AND aid != '', [aid], chain0) AS chain,
     {a}['agentgov.command'] AS cmd,
-    {json_arr.format(f"{a}['agentgov.resources']")} AS res
+    {json_arr.format(f"{a}['agentgov.resources']")} AS res,
+    op = 'execute_tool' OR cmd != '' AS scored,
+    -- each rule's patterns run once per span; score and rule names both read these hits
+    if(scored, {rules.sql_hits(sql_normalize('cmd'), f"arrayMap(x -> {sql_normalize('x')}, res)")}, []) AS hits
 SELECT
     sid AS SessionId,
     Timestamp, TraceId, SpanId, ParentSpanId, ServiceName, SpanName,
@@ -292,10 +297,10 @@ SELECT
     {a}['gen_ai.tool.name'] AS ToolName,
     cmd AS Command,
     res AS Resources,
-    if(op = 'execute_tool' OR cmd != '',
-       greatest(toUInt8(least(100, toUInt32OrZero({a}['agentgov.risk.score']))), {rules.sql_score('cmd', 'res')}),
+    if(scored,
+       greatest(toUInt8(least(100, toUInt32OrZero({a}['agentgov.risk.score']))), {rules.sql_score('hits')}),
        toUInt8(0)) AS RiskScore,
-    if(op = 'execute_tool' OR cmd != '', {rules.sql_rule_names('cmd', 'res')}, []) AS RiskRules,
+    if(scored, {rules.sql_rule_names('hits')}, []) AS RiskRules,
     toFloat64OrZero({a}['agentgov.cost.usd']) AS CostUsd,
     toUInt64OrZero({a}['gen_ai.usage.input_tokens']) AS InputTokens,
     toUInt64OrZero({a}['gen_ai.usage.output_tokens']) AS OutputTokens,

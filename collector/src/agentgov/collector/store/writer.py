@@ -83,12 +83,18 @@ class WriterStats:
 
 
 class SpanWriter:
-    """Group-commit writer of OTLP requests into the store (one thread, its own client)."""
+    """Group-commit writer of OTLP requests into the store.
+
+    ``threads`` writer threads (each with its own client) take batches from one queue:
+    ClickHouse runs one insert on one core, so two inserts at once use both of a small
+    machine's cores while Python decodes the next requests.
+    """
 
     def __init__(
         self,
         config: StoreConfig,
-        max_batch_bytes: int = 64 << 20,
+        threads: int = 2,
+        max_batch_bytes: int = 16 << 20,
         max_queue_bytes: int = 512 << 20,
         remembered_requests: int = 500_000,
         receipt_window_s: int = 6 * 3600,
@@ -105,8 +111,9 @@ class SpanWriter:
         self._committed: OrderedDict[str, None] = OrderedDict()
         self._in_doubt: set[str] = set()
         self._closed = False
-        self._thread: threading.Thread | None = None
-        self._client: Client | None = None
+        self._threads: list[threading.Thread] = []
+        self._thread_count = max(1, threads)
+        self._clients: list[Client] = []
         self._settings = {**schema.INGEST_SETTINGS, "format_schema": schema.ingest_proto()}
         self.stats = WriterStats()
         #: called with the number of spans after each committed batch (for live analytics)
@@ -115,10 +122,14 @@ class SpanWriter:
     # -- life cycle ----------------------------------------------------------------------
 
     def start(self) -> SpanWriter:
-        self._client = open_client(self._config)
-        self._load_receipts()
-        self._thread = threading.Thread(target=self._run, name="agentgov-span-writer", daemon=True)
-        self._thread.start()
+        self._clients = [open_client(self._config) for _ in range(self._thread_count)]
+        self._load_receipts(self._clients[0])
+        for n, client in enumerate(self._clients):
+            thread = threading.Thread(
+                target=self._run, args=(client,), name=f"agentgov-span-writer-{n}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
         return self
 
     def close(self, timeout: float = 30.0) -> None:
@@ -127,15 +138,16 @@ class SpanWriter:
             if self._closed:
                 return
             self._closed = True
-        self._queue.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout)
-        if self._client is not None:
-            self._client.close()
+        for _ in self._threads:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for client in self._clients:
+            client.close()
 
-    def _load_receipts(self) -> None:
-        assert self._client is not None
-        rows = self._client.query(
+    def _load_receipts(self, client: Client) -> None:
+        rows = client.query(
             f"SELECT Digest, max(State) FROM {schema.RECEIPTS} "
             "WHERE At > now() - toIntervalSecond({w:UInt32}) GROUP BY Digest",
             parameters={"w": self._receipt_window_s},
@@ -197,7 +209,7 @@ class SpanWriter:
 
     # -- the writer thread ---------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, client: Client) -> None:
         stop = False
         while not stop:
             item = self._queue.get()
@@ -215,15 +227,14 @@ class SpanWriter:
                     break
                 batch.append(nxt)
                 size += len(nxt.payload)
-            self._write_batch(batch)
+            self._write_batch(client, batch)
 
-    def _write_batch(self, batch: list[_Item]) -> None:
-        assert self._client is not None
+    def _write_batch(self, client: Client, batch: list[_Item]) -> None:
         for item in batch:
             if item.digest in self._in_doubt:
-                self._drop_stored_spans(item)
+                self._drop_stored_spans(client, item)
         try:
-            self._insert(batch)
+            self._insert(client, batch)
         except Exception as exc:  # noqa: BLE001
             if len(batch) == 1:
                 self._finish(batch, exc)
@@ -232,7 +243,7 @@ class SpanWriter:
             log.warning("batch insert failed (%s); retrying its %d requests one by one", exc, len(batch))
             for item in batch:
                 try:
-                    self._insert([item])
+                    self._insert(client, [item])
                 except Exception as one_exc:  # noqa: BLE001
                     self._finish([item], one_exc)
                 else:
@@ -240,16 +251,15 @@ class SpanWriter:
             return
         self._finish(batch, None)
 
-    def _insert(self, batch: list[_Item]) -> None:
-        assert self._client is not None
+    def _insert(self, client: Client, batch: list[_Item]) -> None:
         digests = [[i.digest, PENDING] for i in batch]
-        self._client.insert(schema.RECEIPTS, digests, column_names=["Digest", "State"])
+        client.insert(schema.RECEIPTS, digests, column_names=["Digest", "State"])
         block = b"".join(_varint(len(i.payload)) + i.payload for i in batch if i.payload)
         if block:
-            self._client.raw_insert(
+            client.raw_insert(
                 schema.INGEST, insert_block=block, fmt="Protobuf", settings=self._settings
             )
-        self._client.insert(
+        client.insert(
             schema.RECEIPTS, [[d, COMMITTED] for d, _ in digests], column_names=["Digest", "State"]
         )
 
@@ -282,9 +292,8 @@ class SpanWriter:
                 except Exception:  # noqa: BLE001 - listeners never break ingest
                     log.exception("commit listener failed")
 
-    def _drop_stored_spans(self, item: _Item) -> None:
+    def _drop_stored_spans(self, client: Client, item: _Item) -> None:
         """Remove from ``item`` the spans a crashed earlier attempt already stored."""
-        assert self._client is not None
         request = ExportTraceServiceRequest.FromString(item.payload)
         trace_ids = sorted(
             {s.trace_id.hex() for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans}
@@ -293,7 +302,7 @@ class SpanWriter:
             return
         stored = {
             (t, s)
-            for t, s in self._client.query(
+            for t, s in client.query(
                 f"SELECT TraceId, SpanId FROM {schema.TRACES} WHERE TraceId IN {{ids:Array(String)}}",
                 parameters={"ids": trace_ids},
             ).result_rows
@@ -305,6 +314,8 @@ class SpanWriter:
                 del ss.spans[:]
                 ss.spans.extend(keep)
                 kept += len(keep)
-        log.info("retry of an interrupted request: %d of %d spans were not yet stored", kept, item.spans)
+        log.warning(
+            "retry of an interrupted request: %d of %d spans were not yet stored", kept, item.spans
+        )
         item.payload = request.SerializeToString() if kept else b""
         item.spans = kept
