@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:4318"
+
+
+def _segment(value: str) -> str:
+    """``value`` as one URL path segment: whatever it holds cannot change the path."""
+    return quote(value, safe="")
 
 
 class ApiError(RuntimeError):
@@ -42,13 +48,13 @@ class CollectorClient:
         return list(self.get("/api/v1/sessions", limit=limit, order=order)["sessions"])
 
     def session(self, session_id: str) -> dict[str, Any]:
-        return dict(self.get(f"/api/v1/sessions/{session_id}"))
+        return dict(self.get(f"/api/v1/sessions/{_segment(session_id)}"))
 
     def graph(self, session_id: str) -> dict[str, Any]:
-        return dict(self.get(f"/api/v1/sessions/{session_id}/graph"))
+        return dict(self.get(f"/api/v1/sessions/{_segment(session_id)}/graph"))
 
     def audit(self, session_id: str) -> list[dict[str, Any]]:
-        return list(self.get(f"/api/v1/sessions/{session_id}/audit")["commands"])
+        return list(self.get(f"/api/v1/sessions/{_segment(session_id)}/audit")["commands"])
 
     def fanout(self, session_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         return list(self.get("/api/v1/fanout", session=session_id, limit=limit)["agents"])

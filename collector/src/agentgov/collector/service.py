@@ -6,10 +6,14 @@ The collector owns its store: with chDB the engine lives in this process, so oth
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import FrameType
 
 import grpc
 import uvicorn
@@ -28,6 +32,18 @@ from agentgov.collector.store.connection import StoreConfig, default_dsn, open_c
 from agentgov.collector.store.writer import SpanWriter
 
 log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, with signals left to :meth:`Collector.run`.
+
+    uvicorn re-raises SIGTERM after its own shutdown, which would end the process before
+    the collector drains its write queue; the collector asks it to exit instead.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 @dataclass
@@ -90,7 +106,7 @@ class Collector:
             self._grpc, self.grpc_port = start_grpc_server(
                 self.writer, self.config.limits, self.config.host, self.config.grpc_port
             )
-        self._server = uvicorn.Server(
+        self._server = _Server(
             uvicorn.Config(
                 self._app(),
                 host=self.config.host,
@@ -105,10 +121,20 @@ class Collector:
     def run(self) -> None:
         """Run in the foreground until SIGINT/SIGTERM, then drain and stop."""
         self._open()
-        assert self._server is not None
+        server = self._server
+        assert server is not None
+
+        def request_exit(signum: int, frame: FrameType | None) -> None:
+            if server.should_exit:  # a second signal: stop waiting for connections
+                server.force_exit = True
+            server.should_exit = True
+
+        previous = {sig: signal.signal(sig, request_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self._server.run()
+            server.run()
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self._close()
 
     def start(self, timeout: float = 30.0) -> Collector:

@@ -7,14 +7,15 @@ written into W3C baggage entries by :mod:`agentgov.instrumentation.propagation`.
 
 from __future__ import annotations
 
+import functools
+import random
 import re
-import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from urllib.parse import quote_plus
 
 from opentelemetry import context as otel_context
 
-_ID_RE = re.compile(r"^[A-Za-z0-9._:@/-]{1,128}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 _LINEAGE_KEY = otel_context.create_key("agentgov.lineage")
 
 #: W3C baggage entries are percent-encoded and capped (4096 bytes each, 8192 in all, in
@@ -32,20 +33,32 @@ class InvalidIdError(ValueError):
 def check_id(value: str, what: str = "id") -> str:
     """Return ``value`` if it is a valid agentgov id, else raise a clear error.
 
-    Ids are 1-128 characters of letters, digits and ``. _ : @ / -``; commas and spaces
-    are excluded because chains are carried as comma-separated baggage values.
+    Ids are 1-128 characters of letters, digits and ``. _ : @ -``: commas because chains
+    travel as comma-separated baggage values, ``/`` because ids are URL path segments.
     """
     if not isinstance(value, str) or not _ID_RE.match(value):
         raise InvalidIdError(
-            f"invalid {what} {value!r}: use 1-128 characters of letters, digits and . _ : @ / -"
+            f"invalid {what} {value!r}: use 1-128 characters of letters, digits and . _ : @ -"
         )
     return value
 
 
+@functools.lru_cache(maxsize=1024)
+def _id_prefix(prefix: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._:@-]", "-", prefix)[:100] or "agent"
+
+
 def new_id(prefix: str) -> str:
-    """A fresh id such as ``cleanup-3f9a1c2e`` (prefix sanitised to the id alphabet)."""
-    clean = re.sub(r"[^A-Za-z0-9._:@/-]", "-", prefix)[:100] or "agent"
-    return f"{clean}-{uuid.uuid4().hex[:8]}"
+    """A fresh id such as ``cleanup-3f9a1c2e5d4b`` (prefix sanitised to the id alphabet).
+
+    Ids need to be unique, not secret: 48 bits from :mod:`random` (reseeded in forked
+    children) instead of ``os.urandom``, which costs microseconds per call on some VMs.
+    """
+    return f"{_id_prefix(prefix)}-{random.getrandbits(48):012x}"
+
+
+def new_session_id() -> str:
+    return f"sess-{random.getrandbits(128):032x}"
 
 
 def clip_for_baggage(text: str, limit: int = MAX_BAGGAGE_INTENT) -> str:
@@ -92,9 +105,21 @@ class Lineage:
         """Delegation depth of the current agent: 0 for the root agent."""
         return max(len(self.chain) - 1, 0)
 
-    def child(self, agent_id: str, role: str = "") -> Lineage:
-        """Lineage of a new agent started by the current one."""
-        return replace(self, chain=(*self.chain, agent_id), task="", handoff_to="", role=role)
+    def child(
+        self, agent_id: str, role: str = "", permissions: tuple[str, ...] | None = None
+    ) -> Lineage:
+        """Lineage of a new agent started by the current one.
+
+        ``permissions`` None keeps the current agent's; the central governor checks that a
+        child's permissions are a subset of its parent's.
+        """
+        return Lineage(
+            session_id=self.session_id,
+            intent=self.intent,
+            chain=(*self.chain, agent_id),
+            permissions=self.permissions if permissions is None else permissions,
+            role=role,
+        )
 
 
 def current_lineage(ctx: otel_context.Context | None = None) -> Lineage | None:

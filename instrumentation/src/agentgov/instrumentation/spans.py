@@ -9,7 +9,6 @@ session id, the delegation chain and the intent, so any span alone answers "who 
 from __future__ import annotations
 
 import hashlib
-import uuid
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -24,6 +23,7 @@ from agentgov.instrumentation.lineage import (
     check_id,
     current_lineage,
     new_id,
+    new_session_id,
     with_lineage,
 )
 from agentgov.instrumentation.propagation import extract, inject, inject_env
@@ -375,7 +375,7 @@ class Governance:
         The session id is assigned here, before any agent starts, and travels in baggage
         to every agent of the session in every process.
         """
-        sid = check_id(session_id, "session id") if session_id else f"sess-{uuid.uuid4().hex}"
+        sid = check_id(session_id, "session id") if session_id else new_session_id()
         return SessionScope(self, Lineage(session_id=sid, intent=intent))
 
     def agent(
@@ -424,14 +424,5 @@ class Governance:
         agent_id: str | None = None,
     ) -> AgentSpan:
         aid = check_id(agent_id, "agent id") if agent_id else new_id(name)
-        perms = _check_permissions(permissions)
-        lineage = parent.child(aid, role=role)
-        if perms is not None:
-            lineage = Lineage(
-                session_id=lineage.session_id,
-                intent=lineage.intent,
-                chain=lineage.chain,
-                permissions=perms,
-                role=role,
-            )
+        lineage = parent.child(aid, role=role, permissions=_check_permissions(permissions))
         return AgentSpan(self, name, lineage, parent_ctx, task)

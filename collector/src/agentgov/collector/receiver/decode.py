@@ -59,18 +59,26 @@ def decompress(body: bytes, encoding: str, limits: Limits) -> bytes:
         raise UnsupportedMediaType(
             f"Content-Encoding {encoding!r} is not supported: send gzip or no encoding"
         )
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(body, limits.max_decoded_bytes + 1)
-    except zlib.error as exc:
-        raise OtlpError(f"body is not valid gzip: {exc}") from exc
-    if len(out) > limits.max_decoded_bytes or inflater.unconsumed_tail:
-        raise PayloadTooLarge(
-            f"decompressed body exceeds {limits.max_decoded_bytes} bytes; send smaller batches"
-        )
-    if not inflater.eof:
-        raise OtlpError("body is truncated gzip")
-    return out
+    # A gzip body may hold several members (RFC 1952); each is inflated in turn, and the
+    # running total is capped so that a small body cannot expand without bound.
+    out = bytearray()
+    rest = body
+    while True:
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        room = limits.max_decoded_bytes - len(out)
+        try:
+            out += inflater.decompress(rest, room + 1)
+        except zlib.error as exc:
+            raise OtlpError(f"body is not valid gzip: {exc}") from exc
+        if len(out) > limits.max_decoded_bytes or inflater.unconsumed_tail:
+            raise PayloadTooLarge(
+                f"decompressed body exceeds {limits.max_decoded_bytes} bytes; send smaller batches"
+            )
+        if not inflater.eof:
+            raise OtlpError("body is truncated gzip")
+        rest = inflater.unused_data
+        if not rest:
+            return bytes(out)
 
 
 def parse_protobuf(data: bytes) -> ExportTraceServiceRequest:
@@ -82,6 +90,9 @@ def parse_protobuf(data: bytes) -> ExportTraceServiceRequest:
             "check Content-Type and that strings are valid UTF-8"
         ) from exc
 
+
+#: the last nanosecond a DateTime64(9) can hold (2262-04-11)
+_MAX_TIME = 2**63 - 1
 
 _ID_FIELDS = {"traceId": 16, "spanId": 8, "parentSpanId": 8}
 
@@ -113,6 +124,8 @@ def _list(obj: dict[str, Any], key: str, where: str) -> list[Any]:
 def parse_json(data: bytes) -> ExportTraceServiceRequest:
     try:
         doc = json.loads(data)
+    except RecursionError as exc:
+        raise OtlpError("body is JSON nested too deeply to be an OTLP request") from exc
     except (UnicodeDecodeError, ValueError) as exc:
         raise OtlpError(f"body is not valid UTF-8 JSON: {exc}") from exc
     if not isinstance(doc, dict):
@@ -132,7 +145,10 @@ def parse_json(data: bytes) -> ExportTraceServiceRequest:
                     if isinstance(link, dict):
                         _hex_ids_to_base64(link, f"{where}.links[{n}]")
     try:
-        return json_format.ParseDict(doc, ExportTraceServiceRequest())
+        # OTLP/JSON receivers must ignore fields they do not know (newer OTLP versions)
+        return json_format.ParseDict(doc, ExportTraceServiceRequest(), ignore_unknown_fields=True)
+    except RecursionError as exc:
+        raise OtlpError("body is JSON nested too deeply to be an OTLP request") from exc
     except (json_format.ParseError, ValueError, TypeError) as exc:
         raise OtlpError(f"body is not a valid OTLP/JSON ExportTraceServiceRequest: {exc}") from exc
 
@@ -169,9 +185,19 @@ def validate(request: ExportTraceServiceRequest, limits: Limits) -> int:
                         f"span {span.name!r} has too many events or links "
                         f"(limits {limits.max_events} and {limits.max_links})"
                     )
+                if span.start_time_unix_nano > _MAX_TIME or span.end_time_unix_nano > _MAX_TIME:
+                    raise OtlpError(
+                        f"span {span.name!r} has a time past 2262-04-11, the last nanosecond "
+                        "a DateTime64(9) holds: check that times are Unix nanoseconds"
+                    )
                 for event in span.events:
                     if len(event.attributes) > max_attrs:
                         raise OtlpError(f"an event of span {span.name!r} has too many attributes")
+                    if event.time_unix_nano > _MAX_TIME:
+                        raise OtlpError(f"an event of span {span.name!r} has a time past 2262")
+                for link in span.links:
+                    if len(link.attributes) > max_attrs:
+                        raise OtlpError(f"a link of span {span.name!r} has too many attributes")
     if count > limits.max_spans_per_request:
         raise PayloadTooLarge(
             f"request has {count} spans; the limit is {limits.max_spans_per_request} per request"

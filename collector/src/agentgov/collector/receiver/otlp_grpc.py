@@ -8,7 +8,12 @@ import grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from agentgov.collector.receiver.decode import Limits, OtlpError, decode_grpc
-from agentgov.collector.store.writer import SpanWriter, WriterClosed, WriterOverloaded
+from agentgov.collector.store.writer import (
+    SpanWriter,
+    StoreRejected,
+    WriterClosed,
+    WriterOverloaded,
+)
 
 SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 
@@ -32,6 +37,8 @@ class _Export:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         try:
             future.result()
+        except StoreRejected as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:  # noqa: BLE001 - storage failure: not acknowledged
             context.abort(grpc.StatusCode.UNAVAILABLE, f"spans not stored, retry later: {exc}")
         return ExportTraceServiceResponse()

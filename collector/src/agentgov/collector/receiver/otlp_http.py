@@ -10,7 +10,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from agentgov.collector.receiver.decode import Limits, OtlpError, PayloadTooLarge, decode_http
-from agentgov.collector.store.writer import SpanWriter, WriterClosed, WriterOverloaded
+from agentgov.collector.store.writer import (
+    SpanWriter,
+    StoreRejected,
+    WriterClosed,
+    WriterOverloaded,
+)
 
 # Decoding a small body inline is cheaper than a hop to a worker thread.
 _INLINE_DECODE_BYTES = 256 << 10
@@ -25,11 +30,10 @@ def _error(status: int, message: str, retry_after: int | None = None) -> JSONRes
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise PayloadTooLarge(f"request body exceeds {limit} bytes; send smaller batches")
-        except ValueError as exc:
-            raise OtlpError("Content-Length is not a number") from exc
+        if not declared.strip().isdigit():
+            raise OtlpError("Content-Length is not a number")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes; send smaller batches")
     chunks = bytearray()
     async for chunk in request.stream():
         chunks += chunk
@@ -65,6 +69,8 @@ class OtlpHttpReceiver:
             return _error(503, str(exc), retry_after=5)
         try:
             await asyncio.wrap_future(future)
+        except StoreRejected as exc:  # the data itself: a retry cannot succeed
+            return _error(400, str(exc))
         except Exception as exc:  # noqa: BLE001 - storage failure: not acknowledged
             return _error(503, f"spans not stored, retry later: {exc}", retry_after=1)
         if content_type.split(";", 1)[0].strip().lower() == "application/json":

@@ -186,7 +186,7 @@ SELECT
     scope.name AS ScopeName,
     scope.version AS ScopeVersion,
     {_map_sql('s.attributes')} AS SpanAttributes,
-    s.end_time_unix_nano - s.start_time_unix_nano AS Duration,
+    if(s.end_time_unix_nano > s.start_time_unix_nano, s.end_time_unix_nano - s.start_time_unix_nano, 0) AS Duration,
     ['Unset', 'Ok', 'Error'][s.status.code + 1] AS StatusCode,
     s.status.message AS StatusMessage,
     arrayMap(e -> fromUnixTimestamp64Nano(toInt64(e.time_unix_nano)), s.events) AS `Events.Timestamp`,
@@ -211,6 +211,8 @@ INGEST_SETTINGS = {
     "format_schema_message_name": "ExportTraceServiceRequest",
     "input_format_protobuf_oneof_presence": 1,
     "output_format_json_escape_forward_slashes": 0,
+    # a batch may hold spans of many days (backfills, clock skew): never refuse it for that
+    "max_partitions_per_insert_block": 0,
 }
 
 # -- governance tables ---------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -26,6 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from agentgov.collector.store import schema
@@ -42,6 +44,50 @@ class WriterOverloaded(RuntimeError):
 
 class WriterClosed(RuntimeError):
     """The writer is shutting down."""
+
+
+class StoreRejected(ValueError):
+    """ClickHouse refused a request's data itself: retrying the same bytes cannot succeed."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The store failed for a reason that may pass (memory, disk, parts, network): retry."""
+
+
+#: ClickHouse error codes that say "not now" rather than "not this data"
+_TRANSIENT_CODES = {
+    159,  # TIMEOUT_EXCEEDED
+    202,  # TOO_MANY_SIMULTANEOUS_QUERIES
+    209,  # SOCKET_TIMEOUT
+    210,  # NETWORK_ERROR
+    241,  # MEMORY_LIMIT_EXCEEDED
+    242,  # TABLE_IS_READ_ONLY
+    243,  # NOT_ENOUGH_SPACE
+    252,  # TOO_MANY_PARTS
+    425,  # SYSTEM_ERROR
+}
+_CODE_RE = re.compile(r"Code: (\d+)\.")
+
+
+def classify(exc: BaseException) -> Exception:
+    """Turn a driver error into :class:`StoreRejected` or :class:`StoreUnavailable`."""
+    if isinstance(exc, DatabaseError) and not isinstance(exc, OperationalError):
+        match = _CODE_RE.search(str(exc))
+        if match and int(match.group(1)) not in _TRANSIENT_CODES:
+            first_line = str(exc).strip().splitlines()[0][:300]
+            return StoreRejected(f"ClickHouse refused these spans: {first_line}")
+    return StoreUnavailable(f"the store is unavailable: {str(exc).strip()[:300]}")
+
+
+def canonical(payload: bytes) -> bytes:
+    """The request re-encoded without the fields this OTLP version does not know.
+
+    Used only after ClickHouse refused the original bytes: the check costs as much as a
+    parse, so it stays off the hot path.
+    """
+    request = ExportTraceServiceRequest.FromString(payload)
+    request.DiscardUnknownFields()
+    return request.SerializeToString()
 
 
 def _varint(n: int) -> bytes:
@@ -236,20 +282,44 @@ class SpanWriter:
         try:
             self._insert(client, batch)
         except Exception as exc:  # noqa: BLE001
-            if len(batch) == 1:
-                self._finish(batch, exc)
-                return
-            # One bad request must not fail its neighbours: write them one by one.
-            log.warning("batch insert failed (%s); retrying its %d requests one by one", exc, len(batch))
+            if len(batch) > 1:
+                # One bad request must not fail its neighbours: write them one by one.
+                log.warning("batch insert failed (%s); writing its %d requests one by one",
+                            exc, len(batch))
             for item in batch:
-                try:
-                    self._insert(client, [item])
-                except Exception as one_exc:  # noqa: BLE001
-                    self._finish([item], one_exc)
-                else:
-                    self._finish([item], None)
+                self._finish([item], self._insert_alone(client, item, exc if len(batch) == 1 else None))
             return
         self._finish(batch, None)
+
+    def _insert_alone(
+        self, client: Client, item: _Item, failed: BaseException | None
+    ) -> Exception | None:
+        """Write one request after a failure; returns the error to report, if any."""
+        # whatever a failed insert left behind is checked span by span on the next try
+        with self._lock:
+            self._in_doubt.add(item.digest)
+        if failed is None:
+            try:
+                self._insert(client, [item])
+                return None
+            except Exception as exc:  # noqa: BLE001
+                failed = exc
+        error = classify(failed)
+        if isinstance(error, StoreRejected) and item.payload:
+            try:
+                fixed = canonical(item.payload)
+            except Exception:  # noqa: BLE001 - unparsable here too: keep the first error
+                return error
+            if fixed != item.payload:
+                item.payload = fixed
+                try:
+                    self._drop_stored_spans(client, item)
+                    self._insert(client, [item])
+                    return None
+                except Exception as exc:  # noqa: BLE001
+                    return classify(exc)
+        log.warning("request not stored: %s", error)
+        return error
 
     def _insert(self, client: Client, batch: list[_Item]) -> None:
         digests = [[i.digest, PENDING] for i in batch]
