@@ -537,7 +537,7 @@ def test_carrier_without_lineage_has_no_session(gov: Governance) -> None:
         gov.agent("nobody")  # nothing in the current context either
 
 
-_RULE = "1-128 characters of letters, digits and . _ : @ / -"
+_RULE = "1-128 characters of letters, digits and . _ : @ -"
 
 
 @pytest.mark.parametrize(

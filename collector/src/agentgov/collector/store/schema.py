@@ -6,7 +6,8 @@ ClickHouse plugin reads it as traces. Everything agentgov adds hangs off it by
 materialized views, so spans analysed are the same whichever route they arrived by:
 
     agentgov_otlp_ingest (Null) --mv--> otel_traces --mv--> agentgov_spans --mv--> agentgov_sessions
-    (raw OTLP protobuf,                 (exporter DDL)      (typed, by session)  +-mv--> agentgov_edges
+    (raw OTLP protobuf,                 (exporter DDL)      (typed, by session)  +-mv--> agentgov_agents
+                                                                                 +-mv--> agentgov_edges
      decoded by ClickHouse)             +--mv--> otel_traces_trace_id_ts
 """
 
@@ -23,6 +24,7 @@ INGEST = "agentgov_otlp_ingest"
 SPANS = "agentgov_spans"
 SESSIONS = "agentgov_sessions"
 EDGES = "agentgov_edges"
+AGENTS = "agentgov_agents"
 RECEIPTS = "agentgov_otlp_receipts"
 
 
@@ -384,6 +386,46 @@ FROM {SPANS}
 WHERE Operation = 'invoke_agent' AND ParentAgentId != '' AND AgentId != ''
 """
 
+AGENTS_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {AGENTS} (
+    SessionId String,
+    AgentId String,
+    -- every span of an agent names it alike; max() keeps values over foreign spans' ''
+    Name SimpleAggregateFunction(max, String),
+    Role SimpleAggregateFunction(max, String),
+    ParentId SimpleAggregateFunction(max, String),
+    Task SimpleAggregateFunction(max, String),
+    Depth SimpleAggregateFunction(min, UInt16),
+    Risk SimpleAggregateFunction(max, UInt8),
+    ToolCalls SimpleAggregateFunction(sum, UInt64),
+    CostUsd SimpleAggregateFunction(sum, Float64),
+    Errors SimpleAggregateFunction(max, UInt8),
+    FirstSeen SimpleAggregateFunction(min, DateTime64(9)),
+    LastSeen SimpleAggregateFunction(max, DateTime64(9))
+) ENGINE = AggregatingMergeTree()
+ORDER BY (SessionId, AgentId)
+"""
+
+AGENTS_MV = f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS {AGENTS}_mv TO {AGENTS} AS
+SELECT
+    SessionId, AgentId,
+    max(toString(AgentName)) AS Name,
+    max(toString(Role)) AS Role,
+    max(ParentAgentId) AS ParentId,
+    max(Task) AS Task,
+    min(Depth) AS Depth,
+    max(RiskScore) AS Risk,
+    countIf(Operation = 'execute_tool') AS ToolCalls,
+    sum(CostUsd) AS CostUsd,
+    toUInt8(max(StatusCode = 'Error')) AS Errors,
+    min(Timestamp) AS FirstSeen,
+    max(Timestamp + toIntervalNanosecond(Duration)) AS LastSeen
+FROM {SPANS}
+WHERE AgentId != ''
+GROUP BY SessionId, AgentId
+"""
+
 RECEIPTS_TABLE = f"""
 CREATE TABLE IF NOT EXISTS {RECEIPTS} (
     Digest String,
@@ -404,8 +446,10 @@ def statements(rules: RiskRules) -> list[str]:
         AGENT_SPANS,
         SESSIONS_TABLE,
         EDGES_TABLE,
+        AGENTS_TABLE,
         SESSIONS_MV,
         EDGES_MV,
+        AGENTS_MV,
         agent_spans_mv(rules),
         INGEST_TABLE,
         INGEST_MV,
