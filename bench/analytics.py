@@ -91,7 +91,7 @@ def main() -> None:
         for state in ("right after loading", "after merges"):
             if state == "after merges":
                 # what background merges reach on a live store; done at once here
-                for table in (schema.AGENTS, schema.SESSIONS, schema.SPANS, schema.EDGES):
+                for table in (schema.AGENTS, schema.SESSIONS, schema.SPANS):
                     client.command(f"OPTIMIZE TABLE {table} FINAL")
             parts = client.query(
                 "SELECT sum(active) FROM system.parts WHERE database = currentDatabase() "

@@ -32,7 +32,7 @@ from workload import COLUMNS, env_int, spans, to_columns, to_request  # noqa: E4
 
 TOTAL = env_int("SPANS", 200_000)
 BATCH = env_int("BATCH", 2048)
-CLIENTS = env_int("CLIENTS", 8)
+CLIENTS = env_int("CLIENTS", 32)
 RAW_BLOCK = env_int("RAW_BLOCK", 20_000)
 
 

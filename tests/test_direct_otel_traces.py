@@ -244,7 +244,7 @@ def test_exporter_rows_fill_spans_sessions_and_edges(store_client: Any) -> None:
     assert summary["status"] == "completed"
 
     edges = store_client.query(
-        "SELECT ParentAgentId, AgentId, AgentName, Role, Task, Depth FROM agentgov_edges FINAL "
+        "SELECT ParentAgentId, AgentId, AgentName, Role, Task, Depth FROM agentgov_edges "
         "WHERE SessionId = {s:String} ORDER BY Depth",
         parameters={"s": sess},
     ).result_rows

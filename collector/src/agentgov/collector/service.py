@@ -84,8 +84,17 @@ class Collector:
         writer = self.writer
 
         async def health(request: Request) -> Response:
+            stats = writer.stats
             return JSONResponse(
-                {"status": "ok", "spans_written": writer.stats.spans, "requests": writer.stats.requests}
+                {
+                    "status": "ok",
+                    "spans_written": stats.spans,
+                    "requests": stats.requests,
+                    "batches": stats.batches,
+                    "duplicate_requests": stats.duplicates,
+                    "failed_requests": stats.failed_requests,
+                    "insert_seconds": round(stats.insert_seconds, 3),
+                }
             )
 
         return Starlette(

@@ -162,7 +162,7 @@ class Analytics:
             SELECT SessionId AS session_id, ParentAgentId AS agent_id,
                    count() AS children, uniqExact(Task) AS distinct_tasks,
                    groupUniqArray(Task) AS tasks, max(Depth) - 1 AS depth
-            FROM {schema.EDGES} FINAL
+            FROM {schema.EDGES}
             {where}
             GROUP BY SessionId, ParentAgentId
             ORDER BY children DESC, session_id, agent_id

@@ -7,8 +7,8 @@ materialized views, so spans analysed are the same whichever route they arrived 
 
     agentgov_otlp_ingest (Null) --mv--> otel_traces --mv--> agentgov_spans --mv--> agentgov_sessions
     (raw OTLP protobuf,                 (exporter DDL)      (typed, by session)  +-mv--> agentgov_agents
-                                                                                 +-mv--> agentgov_edges
-     decoded by ClickHouse)             +--mv--> otel_traces_trace_id_ts
+     decoded by ClickHouse)                                                         (view: agentgov_edges)
+                                        +--mv--> otel_traces_trace_id_ts
 """
 
 from __future__ import annotations
@@ -365,27 +365,6 @@ FROM {SPANS}
 GROUP BY SessionId
 """
 
-EDGES_TABLE = f"""
-CREATE TABLE IF NOT EXISTS {EDGES} (
-    SessionId String,
-    ParentAgentId String,
-    AgentId String,
-    AgentName LowCardinality(String),
-    Role LowCardinality(String),
-    Task String,
-    Depth UInt16,
-    Timestamp DateTime64(9)
-) ENGINE = ReplacingMergeTree(Timestamp)
-ORDER BY (SessionId, ParentAgentId, AgentId)
-"""
-
-EDGES_MV = f"""
-CREATE MATERIALIZED VIEW IF NOT EXISTS {EDGES}_mv TO {EDGES} AS
-SELECT SessionId, ParentAgentId, AgentId, AgentName, Role, Task, Depth, Timestamp
-FROM {SPANS}
-WHERE Operation = 'invoke_agent' AND ParentAgentId != '' AND AgentId != ''
-"""
-
 AGENTS_TABLE = f"""
 CREATE TABLE IF NOT EXISTS {AGENTS} (
     SessionId String,
@@ -426,6 +405,18 @@ WHERE AgentId != ''
 GROUP BY SessionId, AgentId
 """
 
+# Delegation edges are the agents that have a parent: a plain view over agentgov_agents
+# rather than a table of their own, since each table a view writes costs every insert a
+# part write.
+EDGES_VIEW = f"""
+CREATE VIEW IF NOT EXISTS {EDGES} AS
+SELECT SessionId, max(ParentId) AS ParentAgentId, AgentId, max(Name) AS AgentName,
+       max(Role) AS Role, max(Task) AS Task, min(Depth) AS Depth, min(FirstSeen) AS Timestamp
+FROM {AGENTS}
+GROUP BY SessionId, AgentId
+HAVING ParentAgentId != ''
+"""
+
 RECEIPTS_TABLE = f"""
 CREATE TABLE IF NOT EXISTS {RECEIPTS} (
     Digest String,
@@ -445,11 +436,10 @@ def statements(rules: RiskRules) -> list[str]:
         TRACE_ID_TS_MV,
         AGENT_SPANS,
         SESSIONS_TABLE,
-        EDGES_TABLE,
         AGENTS_TABLE,
         SESSIONS_MV,
-        EDGES_MV,
         AGENTS_MV,
+        EDGES_VIEW,
         agent_spans_mv(rules),
         INGEST_TABLE,
         INGEST_MV,

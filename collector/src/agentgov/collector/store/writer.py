@@ -126,6 +126,8 @@ class WriterStats:
     batches: int = 0
     failed_requests: int = 0
     last_batch_requests: int = 0
+    #: wall time spent in inserts, summed over writer threads
+    insert_seconds: float = 0.0
 
 
 class SpanWriter:
@@ -141,12 +143,16 @@ class SpanWriter:
         config: StoreConfig,
         threads: int = 2,
         max_batch_bytes: int = 16 << 20,
+        linger_s: float = 0.02,
+        min_batch_spans: int = 16_384,
         max_queue_bytes: int = 512 << 20,
         remembered_requests: int = 500_000,
         receipt_window_s: int = 6 * 3600,
     ) -> None:
         self._config = config
         self._max_batch_bytes = max_batch_bytes
+        self._linger_s = linger_s
+        self._min_batch_spans = min_batch_spans
         self._max_queue_bytes = max_queue_bytes
         self._remembered = remembered_requests
         self._receipt_window_s = receipt_window_s
@@ -263,9 +269,15 @@ class SpanWriter:
                 break
             batch = [item]
             size = len(item.payload)
+            spans = item.spans
+            # Every insert pays a fixed cost (query analysis of the views, one part per
+            # table), so a small batch waits a moment for company; the wait ends as soon
+            # as the batch is worth an insert.
+            deadline = time.monotonic() + self._linger_s
             while size < self._max_batch_bytes:
+                wait = deadline - time.monotonic() if spans < self._min_batch_spans else 0.0
                 try:
-                    nxt = self._queue.get_nowait()
+                    nxt = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is None:
@@ -273,6 +285,7 @@ class SpanWriter:
                     break
                 batch.append(nxt)
                 size += len(nxt.payload)
+                spans += nxt.spans
             self._write_batch(client, batch)
 
     def _write_batch(self, client: Client, batch: list[_Item]) -> None:
@@ -322,6 +335,15 @@ class SpanWriter:
         return error
 
     def _insert(self, client: Client, batch: list[_Item]) -> None:
+        started = time.perf_counter()
+        try:
+            self._insert_timed(client, batch)
+        finally:
+            elapsed = time.perf_counter() - started
+            with self._lock:
+                self.stats.insert_seconds += elapsed
+
+    def _insert_timed(self, client: Client, batch: list[_Item]) -> None:
         digests = [[i.digest, PENDING] for i in batch]
         client.insert(schema.RECEIPTS, digests, column_names=["Digest", "State"])
         block = b"".join(_varint(len(i.payload)) + i.payload for i in batch if i.payload)
