@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workload import env_int, spans, to_request  # noqa: E402
+from workload import env_int, spans, to_request
 
-from agentgov.collector.analytics import Analytics  # noqa: E402
-from agentgov.collector.risk import RiskRules  # noqa: E402
-from agentgov.collector.store import schema  # noqa: E402
-from agentgov.collector.store.connection import StoreConfig, prepare  # noqa: E402
-from agentgov.collector.store.writer import _varint  # noqa: E402
+from agentgov.collector.analytics import Analytics
+from agentgov.collector.risk import RiskRules
+from agentgov.collector.store import schema
+from agentgov.collector.store.connection import StoreConfig, prepare
+from agentgov.collector.store.writer import _varint
 
 TOTAL = env_int("SPANS", 1_000_000)
 REPEAT = env_int("REPEAT", 30)
@@ -74,7 +74,9 @@ def main() -> None:
             client.raw_insert(schema.INGEST, insert_block=block, fmt="Protobuf", settings=settings)
         load_s = time.perf_counter() - start
         stored = client.query("SELECT count() FROM otel_traces").result_rows[0][0]
-        sessions = client.query("SELECT uniqExact(SessionId) FROM agentgov_sessions").result_rows[0][0]
+        sessions = client.query("SELECT uniqExact(SessionId) FROM agentgov_sessions").result_rows[
+            0
+        ][0]
         sid = client.query(
             "SELECT SessionId FROM agentgov_sessions ORDER BY SessionId LIMIT 1 OFFSET {o:UInt32}",
             parameters={"o": sessions // 2},
@@ -86,7 +88,9 @@ def main() -> None:
         assert len(top) == 100
 
         print(f"stored spans: {stored:,} in {sessions:,} sessions (loaded in {load_s:.1f}s)")
-        raw_graph_med, _ = timed(lambda: client.query_df(GRAPH_FROM_RAW, parameters={"sid": sid}), 5)
+        raw_graph_med, _ = timed(
+            lambda: client.query_df(GRAPH_FROM_RAW, parameters={"sid": sid}), 5
+        )
         raw_top_med, _ = timed(lambda: client.query_df(TOP_FROM_SPANS), 5)
         for state in ("right after loading", "after merges"):
             if state == "after merges":
@@ -100,14 +104,18 @@ def main() -> None:
             graph_med, graph_p95 = timed(lambda: analytics.graph(sid))
             top_med, top_p95 = timed(lambda: analytics.sessions(100, "risk"))
             print(f"{state} ({parts} parts in the agents and sessions tables):")
-            print(f"  one session's graph     : median {graph_med * 1e3:6.2f} ms, p95 "
-                  f"{graph_p95 * 1e3:6.2f} ms (goal <= 10 ms: "
-                  f"{'met' if graph_med <= 0.010 else 'NOT met'}); "
-                  f"{raw_graph_med / graph_med:4.1f}x faster than from otel_traces")
-            print(f"  top-100 sessions by risk: median {top_med * 1e3:6.2f} ms, p95 "
-                  f"{top_p95 * 1e3:6.2f} ms (goal <= 50 ms: "
-                  f"{'met' if top_med <= 0.050 else 'NOT met'}); "
-                  f"{raw_top_med / top_med:4.1f}x faster than from all spans")
+            print(
+                f"  one session's graph     : median {graph_med * 1e3:6.2f} ms, p95 "
+                f"{graph_p95 * 1e3:6.2f} ms (goal <= 10 ms: "
+                f"{'met' if graph_med <= 0.010 else 'NOT met'}); "
+                f"{raw_graph_med / graph_med:4.1f}x faster than from otel_traces"
+            )
+            print(
+                f"  top-100 sessions by risk: median {top_med * 1e3:6.2f} ms, p95 "
+                f"{top_p95 * 1e3:6.2f} ms (goal <= 50 ms: "
+                f"{'met' if top_med <= 0.050 else 'NOT met'}); "
+                f"{raw_top_med / top_med:4.1f}x faster than from all spans"
+            )
         client.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workload import COLUMNS, env_int, spans, to_columns, to_request  # noqa: E402
+from workload import COLUMNS, env_int, spans, to_columns, to_request
 
 TOTAL = env_int("SPANS", 200_000)
 BATCH = env_int("BATCH", 2048)
@@ -45,8 +45,9 @@ def raw_child(path: str) -> None:
     data = spans(TOTAL)
     blocks = [to_columns(data[i : i + RAW_BLOCK]) for i in range(0, TOTAL, RAW_BLOCK)]
     # warm-up block (first insert pays one-off engine costs), not counted
-    client.insert("otel_traces", to_columns(spans(2000, seed=99)), column_names=COLUMNS,
-                  column_oriented=True)
+    client.insert(
+        "otel_traces", to_columns(spans(2000, seed=99)), column_names=COLUMNS, column_oriented=True
+    )
     start = time.perf_counter()
     for cols in blocks:
         client.insert("otel_traces", cols, column_names=COLUMNS, column_oriented=True)
@@ -66,7 +67,9 @@ def free_port() -> int:
 def run_raw(workdir: Path) -> float:
     out = subprocess.run(
         [sys.executable, __file__, "--raw-child", str(workdir / "raw")],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["stored"] == TOTAL + 2000, result
@@ -76,9 +79,20 @@ def run_raw(workdir: Path) -> float:
 def run_e2e(workdir: Path) -> tuple[float, dict]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agentgov.collector.cli", "collector", "--store",
-         f"chdb://{workdir / 'e2e'}", "--http-port", str(port), "--grpc-port", "-1",
-         "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "agentgov.collector.cli",
+            "collector",
+            "--store",
+            f"chdb://{workdir / 'e2e'}",
+            "--http-port",
+            str(port),
+            "--grpc-port",
+            "-1",
+            "--log-level",
+            "warning",
+        ],
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -92,7 +106,9 @@ def run_e2e(workdir: Path) -> tuple[float, dict]:
         bodies = [to_request(data[i : i + BATCH]) for i in range(0, TOTAL, BATCH)]
         headers = {"Content-Type": "application/x-protobuf"}
         with httpx.Client(timeout=60) as warm:
-            r = warm.post(f"{url}/v1/traces", content=to_request(spans(2000, seed=99)), headers=headers)
+            r = warm.post(
+                f"{url}/v1/traces", content=to_request(spans(2000, seed=99)), headers=headers
+            )
             r.raise_for_status()
         next_body = iter(range(len(bodies)))
         lock = threading.Lock()
@@ -133,7 +149,9 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     ratio = e2e / raw
-    print(f"spans: {TOTAL}, request size: {BATCH} spans, clients: {CLIENTS}, cores: {os.cpu_count()}")
+    print(
+        f"spans: {TOTAL}, request size: {BATCH} spans, clients: {CLIENTS}, cores: {os.cpu_count()}"
+    )
     print(f"raw clickhouse-connect insert : {raw:>10,.0f} spans/s (blocks of {RAW_BLOCK})")
     print(f"OTLP/HTTP end to end          : {e2e:>10,.0f} spans/s (acknowledged = durable)")
     print(f"ratio end-to-end / raw        : {ratio:>10.2f}   (goal >= 0.40)")

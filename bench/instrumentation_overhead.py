@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -54,13 +56,18 @@ def main() -> None:
     session = gov.session("clean up old deployments", session_id="sess-bench")
     session.__enter__()
     parent = session.agent("orchestrator", role="orchestrator").start()
-    attrs = {
-        "gen_ai.operation.name": "invoke_agent", "gen_ai.agent.id": "cleanup-1f2e3d4c",
-        "gen_ai.agent.name": "cleanup", "agentgov.session.id": "sess-bench",
+    attrs: dict[str, Any] = {
+        "gen_ai.operation.name": "invoke_agent",
+        "gen_ai.agent.id": "cleanup-1f2e3d4c",
+        "gen_ai.agent.name": "cleanup",
+        "agentgov.session.id": "sess-bench",
         "agentgov.delegation.chain": ("orchestrator-1", "cleanup-1f2e3d4c"),
-        "agentgov.delegation.depth": 1, "agentgov.intent": "clean up old deployments",
-        "agentgov.agent.parent_id": "orchestrator-1", "agentgov.task": "cleanup",
-        "agentgov.agent.role": "cleanup", "agentgov.permissions": ("fs.write:/opt/app",),
+        "agentgov.delegation.depth": 1,
+        "agentgov.intent": "clean up old deployments",
+        "agentgov.agent.parent_id": "orchestrator-1",
+        "agentgov.task": "cleanup",
+        "agentgov.agent.role": "cleanup",
+        "agentgov.permissions": ("fs.write:/opt/app",),
     }
 
     def bare() -> None:
@@ -77,7 +84,9 @@ def main() -> None:
     def bare_attrs_baggage() -> None:
         # what a user would write by hand to carry the same lineage in-process
         ctx = baggage.set_baggage("agentgov.session.id", "sess-bench")
-        ctx = baggage.set_baggage("agentgov.delegation.chain", "orchestrator-1,cleanup-1f2e3d4c", ctx)
+        ctx = baggage.set_baggage(
+            "agentgov.delegation.chain", "orchestrator-1,cleanup-1f2e3d4c", ctx
+        )
         ctx = baggage.set_baggage("agentgov.intent", "clean up old deployments", ctx)
         token = otel_context.attach(ctx)
         try:
@@ -87,8 +96,9 @@ def main() -> None:
             otel_context.detach(token)
 
     def governed() -> None:
-        with parent.delegate("cleanup", task="cleanup", role="cleanup",
-                             permissions=["fs.write:/opt/app"]):
+        with parent.delegate(
+            "cleanup", task="cleanup", role="cleanup", permissions=["fs.write:/opt/app"]
+        ):
             pass
 
     def tool() -> None:
@@ -98,23 +108,32 @@ def main() -> None:
     def handoff() -> None:
         parent.handoff("cleanup", task="cleanup", permissions=["fs.write:/opt/app"]).env()
 
-    variants = {"bare span": bare, "bare + attributes": bare_attrs,
-                "bare + attrs + baggage": bare_attrs_baggage, "governed agent": governed,
-                "governed tool": tool, "handoff carrier": handoff}
+    variants = {
+        "bare span": bare,
+        "bare + attributes": bare_attrs,
+        "bare + attrs + baggage": bare_attrs_baggage,
+        "governed agent": governed,
+        "governed tool": tool,
+        "handoff carrier": handoff,
+    }
     best = {k: float("inf") for k in variants}
     for _ in range(ROUNDS):
         for name, fn in variants.items():
             best[name] = min(best[name], per_op(fn))
             provider.force_flush()
     base = best["bare span"]
-    print(f"operations: {N} x {ROUNDS} rounds (best round), Python {os.sys.version.split()[0]}")
+    print(f"operations: {N} x {ROUNDS} rounds (best round), Python {sys.version.split()[0]}")
     for name, t in best.items():
         print(f"{name:<20} {t * 1e6:7.2f} us   {t / base:5.2f}x bare span")
     ratio = best["governed agent"] / base
-    print(f"governed agent / bare span = {ratio:.2f}x (goal <= 1.30): {'met' if ratio <= 1.3 else 'NOT met'}")
+    print(
+        f"governed agent / bare span = {ratio:.2f}x (goal <= 1.30): {'met' if ratio <= 1.3 else 'NOT met'}"
+    )
     same = best["governed agent"] / best["bare + attrs + baggage"]
-    print(f"governed agent / bare span with the same attributes and baggage = {same:.2f}x "
-          f"(goal <= 1.30): {'met' if same <= 1.3 else 'NOT met'}")
+    print(
+        f"governed agent / bare span with the same attributes and baggage = {same:.2f}x "
+        f"(goal <= 1.30): {'met' if same <= 1.3 else 'NOT met'}"
+    )
     provider.shutdown()
 
 

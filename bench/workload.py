@@ -38,7 +38,9 @@ def _kv(key: str, value: object) -> KeyValue:
     return kv
 
 
-def session_spans(session_no: int, workers: int, commands_per_worker: int, rng: random.Random) -> list[dict]:
+def session_spans(
+    session_no: int, workers: int, commands_per_worker: int, rng: random.Random
+) -> list[dict]:
     """Span dicts of one session (attributes as Python values)."""
     sid = f"sess-bench-{session_no:07d}"
     intent = "clean up old deployments in staging and archive their data"
@@ -49,11 +51,16 @@ def session_spans(session_no: int, workers: int, commands_per_worker: int, rng: 
 
     def agent(aid: str, name: str, chain: list[str], task: str) -> None:
         attrs = {
-            "gen_ai.operation.name": "invoke_agent", "gen_ai.agent.id": aid,
-            "gen_ai.agent.name": name, "agentgov.session.id": sid,
-            "agentgov.delegation.chain": chain, "agentgov.delegation.depth": len(chain) - 1,
-            "agentgov.intent": intent, "agentgov.agent.role": name,
-            "gen_ai.usage.input_tokens": 900, "gen_ai.usage.output_tokens": 120,
+            "gen_ai.operation.name": "invoke_agent",
+            "gen_ai.agent.id": aid,
+            "gen_ai.agent.name": name,
+            "agentgov.session.id": sid,
+            "agentgov.delegation.chain": chain,
+            "agentgov.delegation.depth": len(chain) - 1,
+            "agentgov.intent": intent,
+            "agentgov.agent.role": name,
+            "gen_ai.usage.input_tokens": 900,
+            "gen_ai.usage.output_tokens": 120,
             "agentgov.cost.usd": 0.004,
         }
         if len(chain) > 1:
@@ -69,13 +76,25 @@ def session_spans(session_no: int, workers: int, commands_per_worker: int, rng: 
         agent(wid, "cleanup", chain, f"cleanup shard {w}")
         for _ in range(commands_per_worker):
             tool, cmd, res = rng.choice(COMMANDS)
-            out.append({"name": f"execute_tool {tool}", "trace_id": trace_id, "attrs": {
-                "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": tool,
-                "gen_ai.agent.id": wid, "gen_ai.agent.name": "cleanup",
-                "agentgov.session.id": sid, "agentgov.agent.parent_id": orch,
-                "agentgov.delegation.chain": chain, "agentgov.delegation.depth": 2,
-                "agentgov.intent": intent, "agentgov.command": cmd, "agentgov.resources": res,
-            }})
+            out.append(
+                {
+                    "name": f"execute_tool {tool}",
+                    "trace_id": trace_id,
+                    "attrs": {
+                        "gen_ai.operation.name": "execute_tool",
+                        "gen_ai.tool.name": tool,
+                        "gen_ai.agent.id": wid,
+                        "gen_ai.agent.name": "cleanup",
+                        "agentgov.session.id": sid,
+                        "agentgov.agent.parent_id": orch,
+                        "agentgov.delegation.chain": chain,
+                        "agentgov.delegation.depth": 2,
+                        "agentgov.intent": intent,
+                        "agentgov.command": cmd,
+                        "agentgov.resources": res,
+                    },
+                }
+            )
     for i, span in enumerate(out):
         span["span_id"] = rng.randbytes(8)
         span["start"] = now + i * 1000
@@ -114,9 +133,21 @@ def to_request(batch: list[dict], service: str = "bench-agents") -> bytes:
 
 
 COLUMNS = [
-    "Timestamp", "TraceId", "SpanId", "ParentSpanId", "TraceState", "SpanName", "SpanKind",
-    "ServiceName", "ResourceAttributes", "ScopeName", "ScopeVersion", "SpanAttributes",
-    "Duration", "StatusCode", "StatusMessage",
+    "Timestamp",
+    "TraceId",
+    "SpanId",
+    "ParentSpanId",
+    "TraceState",
+    "SpanName",
+    "SpanKind",
+    "ServiceName",
+    "ResourceAttributes",
+    "ScopeName",
+    "ScopeVersion",
+    "SpanAttributes",
+    "Duration",
+    "StatusCode",
+    "StatusMessage",
 ]
 
 
@@ -125,11 +156,27 @@ def to_columns(batch: list[dict], service: str = "bench-agents") -> list[list]:
     cols: list[list] = [[] for _ in COLUMNS]
     res = {"service.name": service}
     for s in batch:
-        attrs = {k: (json.dumps(v, separators=(",", ":")) if isinstance(v, list) else str(v))
-                 for k, v in s["attrs"].items()}
-        row = [s["start"], s["trace_id"].hex(), s["span_id"].hex(), "", "", s["name"], "Internal",
-               service, res, "agentgov.instrumentation", "0.1.0", attrs, s["end"] - s["start"],
-               "Ok", ""]
+        attrs = {
+            k: (json.dumps(v, separators=(",", ":")) if isinstance(v, list) else str(v))
+            for k, v in s["attrs"].items()
+        }
+        row = [
+            s["start"],
+            s["trace_id"].hex(),
+            s["span_id"].hex(),
+            "",
+            "",
+            s["name"],
+            "Internal",
+            service,
+            res,
+            "agentgov.instrumentation",
+            "0.1.0",
+            attrs,
+            s["end"] - s["start"],
+            "Ok",
+            "",
+        ]
         for c, v in zip(cols, row, strict=True):
             c.append(v)
     return cols

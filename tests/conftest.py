@@ -46,12 +46,25 @@ class CollectorProcess:
 
     def start(self, extra_args: tuple[str, ...] = (), timeout: float = 60.0) -> CollectorProcess:
         self.log_path = self.data_dir.parent / f"collector-{self.http_port}.log"
-        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the process's life
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agentgov.collector.cli", "collector",
-             "--store", self.dsn, "--http-port", str(self.http_port),
-             "--grpc-port", str(self.grpc_port), "--log-level", "warning", *extra_args],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "agentgov.collector.cli",
+                "collector",
+                "--store",
+                self.dsn,
+                "--http-port",
+                str(self.http_port),
+                "--grpc-port",
+                str(self.grpc_port),
+                "--log-level",
+                "warning",
+                *extra_args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

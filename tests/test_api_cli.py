@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from agentgov.collector.client import ApiError, CollectorClient
 from agentgov.instrumentation.spans import Governance
 
@@ -35,13 +36,27 @@ REPORT_INTENT = "summarize the weekly report"
 
 # (name, role, task, usage (input tokens, output tokens, usd), tools (tool, command, resources))
 WORKERS = [
-    ("scanner", "list stale deployments", (200, 50, 0.001),
-     [("kubectl", "kubectl get deployments -o name", ["cluster/staging"])]),
-    ("cleaner-eu", "delete stale deployments", (300, 60, 0.002),
-     [("shell", "ls /srv/deploys/eu", []),
-      ("shell", "rm -rf /srv/deploys/eu/old", ["/srv/deploys/eu/old"])]),
-    ("cleaner-us", "delete stale deployments", (100, 40, 0.0005),
-     [("http", "curl -X DELETE https://deploy.example.com/us/old", [])]),
+    (
+        "scanner",
+        "list stale deployments",
+        (200, 50, 0.001),
+        [("kubectl", "kubectl get deployments -o name", ["cluster/staging"])],
+    ),
+    (
+        "cleaner-eu",
+        "delete stale deployments",
+        (300, 60, 0.002),
+        [
+            ("shell", "ls /srv/deploys/eu", []),
+            ("shell", "rm -rf /srv/deploys/eu/old", ["/srv/deploys/eu/old"]),
+        ],
+    ),
+    (
+        "cleaner-us",
+        "delete stale deployments",
+        (100, 40, 0.0005),
+        [("http", "curl -X DELETE https://deploy.example.com/us/old", [])],
+    ),
 ]
 
 # built-in rules: rm -rf = destructive_command 60 + write_scope 20; curl = network_egress 15
@@ -119,7 +134,9 @@ def api(c: CollectorProcess, path: str, **params: Any) -> Any:
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "agentgov.collector.cli", *args],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, **(env or {})},
     )
 
@@ -136,21 +153,51 @@ def test_sessions_list_has_the_governance_figures(
     by_id = {r["session_id"]: r for r in rows}
 
     row = by_id[cleanup.session_id]
-    assert {k: row[k] for k in (
-        "status", "intent", "agents", "spans", "max_depth", "handoffs", "tool_calls",
-        "session_risk", "max_command_risk", "input_tokens", "output_tokens", "errors",
-    )} == {
-        "status": "completed", "intent": CLEANUP_INTENT, "agents": 5, "spans": 9,
-        "max_depth": 2, "handoffs": 4, "tool_calls": 4, "session_risk": SESSION_RISK,
-        "max_command_risk": 80, "input_tokens": 2600, "output_tokens": 600, "errors": 0,
+    assert {
+        k: row[k]
+        for k in (
+            "status",
+            "intent",
+            "agents",
+            "spans",
+            "max_depth",
+            "handoffs",
+            "tool_calls",
+            "session_risk",
+            "max_command_risk",
+            "input_tokens",
+            "output_tokens",
+            "errors",
+        )
+    } == {
+        "status": "completed",
+        "intent": CLEANUP_INTENT,
+        "agents": 5,
+        "spans": 9,
+        "max_depth": 2,
+        "handoffs": 4,
+        "tool_calls": 4,
+        "session_risk": SESSION_RISK,
+        "max_command_risk": 80,
+        "input_tokens": 2600,
+        "output_tokens": 600,
+        "errors": 0,
     }
     assert row["usd"] == pytest.approx(USD, abs=1e-9)
     assert datetime.fromisoformat(row["first_seen"]) < datetime.fromisoformat(row["last_seen"])
 
     row = by_id[report.session_id]
-    assert (row["status"], row["agents"], row["spans"], row["max_depth"], row["handoffs"],
-            row["tool_calls"], row["session_risk"], row["max_command_risk"], row["usd"]) == (
-        "completed", 2, 3, 1, 1, 1, 0, 0, 0.0)
+    assert (
+        row["status"],
+        row["agents"],
+        row["spans"],
+        row["max_depth"],
+        row["handoffs"],
+        row["tool_calls"],
+        row["session_risk"],
+        row["max_command_risk"],
+        row["usd"],
+    ) == ("completed", 2, 3, 1, 1, 1, 0, 0, 0.0)
 
 
 def test_sessions_order_and_limit(collector: CollectorProcess, sent: tuple[Sent, Sent]) -> None:
@@ -196,8 +243,16 @@ def test_graph_nodes_and_edges(collector: CollectorProcess, sent: tuple[Sent, Se
     }
     for name, (role, depth, risk, tools, parent, task, usd) in expected.items():
         n = nodes[a[name]]
-        assert (n["name"], n["role"], n["depth"], n["risk"], n["tool_calls"], n["parent_id"],
-                n["task"], n["error"]) == (name, role, depth, risk, tools, parent, task, 0)
+        assert (
+            n["name"],
+            n["role"],
+            n["depth"],
+            n["risk"],
+            n["tool_calls"],
+            n["parent_id"],
+            n["task"],
+            n["error"],
+        ) == (name, role, depth, risk, tools, parent, task, 0)
         assert n["usd"] == pytest.approx(usd, abs=1e-9)
     # ordered by depth, then id
     assert [(n["depth"], n["id"]) for n in graph["nodes"]] == sorted(
@@ -206,12 +261,14 @@ def test_graph_nodes_and_edges(collector: CollectorProcess, sent: tuple[Sent, Se
 
     edges = sorted((e["source"], e["target"], e["task"]) for e in graph["edges"])
     assert len(graph["edges"]) == 4
-    assert edges == sorted([
-        (a["planner"], a["orchestrator"], "coordinate the cleanup"),
-        (a["orchestrator"], a["scanner"], "list stale deployments"),
-        (a["orchestrator"], a["cleaner-eu"], "delete stale deployments"),
-        (a["orchestrator"], a["cleaner-us"], "delete stale deployments"),
-    ])
+    assert edges == sorted(
+        [
+            (a["planner"], a["orchestrator"], "coordinate the cleanup"),
+            (a["orchestrator"], a["scanner"], "list stale deployments"),
+            (a["orchestrator"], a["cleaner-eu"], "delete stale deployments"),
+            (a["orchestrator"], a["cleaner-us"], "delete stale deployments"),
+        ]
+    )
 
 
 def test_audit_lists_every_command_with_its_lineage(
@@ -254,11 +311,24 @@ def test_fanout_per_delegating_agent(collector: CollectorProcess, sent: tuple[Se
     a = cleanup.agents
     rows = api(collector, "/api/v1/fanout", session=cleanup.session_id)["agents"]
     assert [
-        (r["session_id"], r["agent_id"], r["children"], r["distinct_tasks"], sorted(r["tasks"]),
-         r["depth"]) for r in rows
+        (
+            r["session_id"],
+            r["agent_id"],
+            r["children"],
+            r["distinct_tasks"],
+            sorted(r["tasks"]),
+            r["depth"],
+        )
+        for r in rows
     ] == [
-        (cleanup.session_id, a["orchestrator"], 3, 2,
-         ["delete stale deployments", "list stale deployments"], 1),
+        (
+            cleanup.session_id,
+            a["orchestrator"],
+            3,
+            2,
+            ["delete stale deployments", "list stale deployments"],
+            1,
+        ),
         (cleanup.session_id, a["planner"], 1, 1, ["coordinate the cleanup"], 0),
     ]
 
@@ -283,22 +353,51 @@ def test_cli_sessions(collector: CollectorProcess, sent: tuple[Sent, Sent]) -> N
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].split() == [
-        "SESSION", "STATUS", "AGENTS", "SPANS", "DEPTH", "HANDOFFS", "USD", "TOOLS", "RISK",
+        "SESSION",
+        "STATUS",
+        "AGENTS",
+        "SPANS",
+        "DEPTH",
+        "HANDOFFS",
+        "USD",
+        "TOOLS",
+        "RISK",
         "INTENT",
     ]
     assert len(lines) == 3
-    assert lines[1].split() == [report.session_id, "completed", "2", "3", "1", "1", "0.0000",
-                                "1", "0", *REPORT_INTENT.split()]
-    assert lines[2].split() == [cleanup.session_id, "completed", "5", "9", "2", "4", "0.0200",
-                                "4", str(SESSION_RISK), *CLEANUP_INTENT.split()]
+    assert lines[1].split() == [
+        report.session_id,
+        "completed",
+        "2",
+        "3",
+        "1",
+        "1",
+        "0.0000",
+        "1",
+        "0",
+        *REPORT_INTENT.split(),
+    ]
+    assert lines[2].split() == [
+        cleanup.session_id,
+        "completed",
+        "5",
+        "9",
+        "2",
+        "4",
+        "0.0200",
+        "4",
+        str(SESSION_RISK),
+        *CLEANUP_INTENT.split(),
+    ]
 
 
 def test_cli_sessions_json_order_and_limit_via_env(
     collector: CollectorProcess, sent: tuple[Sent, Sent]
 ) -> None:
     cleanup, _ = sent
-    out = cli("sessions", "--json", "--order", "risk", "--limit", "1",
-              env={"AGENTGOV_URL": collector.url})
+    out = cli(
+        "sessions", "--json", "--order", "risk", "--limit", "1", env={"AGENTGOV_URL": collector.url}
+    )
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
     assert rows == api(collector, "/api/v1/sessions", order="risk", limit=1)["sessions"]
@@ -313,17 +412,23 @@ def test_cli_graph_prints_the_delegation_tree(
     out = cli("graph", cleanup.session_id, "--url", collector.url)
     assert out.returncode == 0, out.stderr
     # workers are listed by id: cleaner-eu-*, cleaner-us-*, scanner-*
-    assert out.stdout == "\n".join([
-        f"planner ({a['planner']}) [planner]  depth 0  risk 0 low",
-        f"└── orchestrator ({a['orchestrator']}) [orchestrator]  depth 1  risk 0 low"
-        "  task: 'coordinate the cleanup'",
-        f"    ├── cleaner-eu ({a['cleaner-eu']}) [worker]  depth 2  risk 80 HIGH"
-        "  task: 'delete stale deployments'",
-        f"    ├── cleaner-us ({a['cleaner-us']}) [worker]  depth 2  risk 15 low"
-        "  task: 'delete stale deployments'",
-        f"    └── scanner ({a['scanner']}) [worker]  depth 2  risk 0 low"
-        "  task: 'list stale deployments'",
-    ]) + "\n"
+    assert (
+        out.stdout
+        == "\n".join(
+            [
+                f"planner ({a['planner']}) [planner]  depth 0  risk 0 low",
+                f"└── orchestrator ({a['orchestrator']}) [orchestrator]  depth 1  risk 0 low"
+                "  task: 'coordinate the cleanup'",
+                f"    ├── cleaner-eu ({a['cleaner-eu']}) [worker]  depth 2  risk 80 HIGH"
+                "  task: 'delete stale deployments'",
+                f"    ├── cleaner-us ({a['cleaner-us']}) [worker]  depth 2  risk 15 low"
+                "  task: 'delete stale deployments'",
+                f"    └── scanner ({a['scanner']}) [worker]  depth 2  risk 0 low"
+                "  task: 'list stale deployments'",
+            ]
+        )
+        + "\n"
+    )
 
 
 def test_cli_audit_prints_every_command(
@@ -340,8 +445,12 @@ def test_cli_audit_prints_every_command(
         (a["scanner"], a["orchestrator"], "0", "kubectl get deployments -o name"),
         (a["cleaner-eu"], a["orchestrator"], "0", "ls /srv/deploys/eu"),
         (a["cleaner-eu"], a["orchestrator"], "80", "rm -rf /srv/deploys/eu/old"),
-        (a["cleaner-us"], a["orchestrator"], "15",
-         "curl -X DELETE https://deploy.example.com/us/old"),
+        (
+            a["cleaner-us"],
+            a["orchestrator"],
+            "15",
+            "curl -X DELETE https://deploy.example.com/us/old",
+        ),
     ]
     assert lines[5:] == ["", f"intent: {CLEANUP_INTENT!r}"]
 

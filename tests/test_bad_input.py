@@ -22,11 +22,12 @@ from urllib.parse import quote
 import grpc
 import httpx
 import pytest
-from agentgov.instrumentation.lineage import InvalidIdError
-from agentgov.instrumentation.spans import Governance
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from agentgov.instrumentation.lineage import InvalidIdError
+from agentgov.instrumentation.spans import Governance
 
 try:  # tests/ on sys.path (rootdir conftest), or tests/ as a package (tests/__init__.py)
     from conftest import CollectorProcess, free_port, make_provider, wait_for
@@ -177,7 +178,9 @@ def raw_request(
 ) -> bytes:
     """An ExportTraceServiceRequest with one span, encoded field by field."""
     span = (
-        _ld(1, RAW_TRACE_ID) + _ld(2, RAW_SPAN_ID) + _ld(5, span_name)
+        _ld(1, RAW_TRACE_ID)
+        + _ld(2, RAW_SPAN_ID)
+        + _ld(5, span_name)
         + _ld(9, _kv(attr_key, attr_value))
     )
     scope_spans = _ld(1, _ld(1, scope_name)) + _ld(2, span)
@@ -242,8 +245,10 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CollectorProcess
     base = tmp_path_factory.mktemp("small-collector")
     c = CollectorProcess(base / "data", free_port(), free_port()).start(
         extra_args=(
-            "--max-request-bytes", str(SMALL_MAX_REQUEST),
-            "--max-attributes", str(SMALL_MAX_ATTRIBUTES),
+            "--max-request-bytes",
+            str(SMALL_MAX_REQUEST),
+            "--max-attributes",
+            str(SMALL_MAX_ATTRIBUTES),
         )
     )
     yield c
@@ -265,65 +270,224 @@ _truncated_proto = request_with_span("truncated")[0].SerializeToString()[:-7]
 
 BAD_BODIES = [
     # (id, body, content type, content encoding, status, message fragments)
-    ("protobuf-garbage", b"\xff\xfe\xfd not protobuf \x00\x01\x02", "application/x-protobuf",
-     None, 400, ["not a valid OTLP ExportTraceServiceRequest protobuf"]),
-    ("protobuf-truncated", _truncated_proto, "application/x-protobuf",
-     None, 400, ["not a valid OTLP ExportTraceServiceRequest protobuf"]),
-    ("json-garbage", b"{resourceSpans: oops", "application/json",
-     None, 400, ["body is not valid UTF-8 JSON"]),
-    ("json-invalid-utf8", b'{"resourceSpans": "\xff\xfe"}', "application/json",
-     None, 400, ["body is not valid UTF-8 JSON"]),
-    ("json-array", b"[]", "application/json",
-     None, 400, ["body must be a JSON object with 'resourceSpans'"]),
-    ("json-string", b'"resourceSpans"', "application/json",
-     None, 400, ["body must be a JSON object"]),
-    ("json-null", b"null", "application/json",
-     None, 400, ["body must be a JSON object"]),
-    ("json-resourceSpans-object", b'{"resourceSpans": {}}', "application/json",
-     None, 400, ["resourceSpans must be an array"]),
-    ("json-scopeSpans-string", b'{"resourceSpans": [{"scopeSpans": "x"}]}', "application/json",
-     None, 400, ["resourceSpans[0].scopeSpans must be an array"]),
-    ("json-resourceSpan-number", b'{"resourceSpans": [7]}', "application/json",
-     None, 400, ["resourceSpans[0] must be an object"]),
-    ("json-span-number", b'{"resourceSpans": [{"scopeSpans": [{"spans": [5]}]}]}',
-     "application/json", None, 400, ["resourceSpans[0].scopeSpans[0].spans[0] must be an object"]),
-    ("json-traceId-number", _json_span(traceId=5), "application/json",
-     None, 400, ["spans[0].traceId must be a hex string"]),
-    ("json-traceId-not-hex", _json_span(traceId="zz" * 16), "application/json",
-     None, 400, ["spans[0].traceId is not hex"]),
-    ("json-traceId-short", _json_span(traceId="0102030405060708"), "application/json",
-     None, 400, ["spans[0].traceId must be 32 hex digits, got 16"]),
-    ("json-spanId-long", _json_span(spanId=_T), "application/json",
-     None, 400, ["spans[0].spanId must be 16 hex digits, got 32"]),
-    ("json-parentSpanId-short", _json_span(parentSpanId="0102"), "application/json",
-     None, 400, ["spans[0].parentSpanId must be 16 hex digits, got 4"]),
-    ("json-zero-traceId", _json_span(traceId="0" * 32), "application/json",
-     None, 400, ["'json-span' has an all-zero trace_id or span_id"]),
-    ("json-name-number", _json_span(name=5), "application/json",
-     None, 400, ["not a valid OTLP/JSON ExportTraceServiceRequest", "name"]),
-    ("json-time-not-number", _json_span(startTimeUnixNano="yesterday"), "application/json",
-     None, 400, ["not a valid OTLP/JSON ExportTraceServiceRequest", "startTimeUnixNano"]),
-    ("json-attributes-object", _json_span(attributes={"k": "v"}), "application/json",
-     None, 400, ["not a valid OTLP/JSON ExportTraceServiceRequest", "attributes"]),
-    ("json-lone-surrogate", _json_span(name="\ud800"), "application/json",
-     None, 400, ["not a valid OTLP/JSON ExportTraceServiceRequest", "surrogate"]),
-    ("text-plain", b"hello collector", "text/plain",
-     None, 415, ["Content-Type 'text/plain' is not OTLP",
-                 "use application/x-protobuf or application/json"]),
-    ("form", b"a=1", "application/x-www-form-urlencoded",
-     None, 415, ["is not OTLP"]),
-    ("no-content-type", request_with_span()[0].SerializeToString(), None,
-     None, 415, ["Content-Type '(none)' is not OTLP"]),
-    ("encoding-br", gzip.compress(b"x"), "application/x-protobuf",
-     "br", 415, ["Content-Encoding 'br' is not supported", "send gzip or no encoding"]),
-    ("encoding-deflate", zlib.compress(b"x"), "application/x-protobuf",
-     "deflate", 415, ["Content-Encoding 'deflate' is not supported"]),
-    ("gzip-invalid", b"this is not gzip at all", "application/x-protobuf",
-     "gzip", 400, ["body is not valid gzip"]),
-    ("gzip-truncated", gzip.compress(request_with_span()[0].SerializeToString())[:-12],
-     "application/x-protobuf", "gzip", 400, ["body is truncated gzip"]),
-    ("gzip-of-garbage", gzip.compress(b"\xff\xfe\xfd garbage"), "application/x-protobuf",
-     "gzip", 400, ["not a valid OTLP ExportTraceServiceRequest protobuf"]),
+    (
+        "protobuf-garbage",
+        b"\xff\xfe\xfd not protobuf \x00\x01\x02",
+        "application/x-protobuf",
+        None,
+        400,
+        ["not a valid OTLP ExportTraceServiceRequest protobuf"],
+    ),
+    (
+        "protobuf-truncated",
+        _truncated_proto,
+        "application/x-protobuf",
+        None,
+        400,
+        ["not a valid OTLP ExportTraceServiceRequest protobuf"],
+    ),
+    (
+        "json-garbage",
+        b"{resourceSpans: oops",
+        "application/json",
+        None,
+        400,
+        ["body is not valid UTF-8 JSON"],
+    ),
+    (
+        "json-invalid-utf8",
+        b'{"resourceSpans": "\xff\xfe"}',
+        "application/json",
+        None,
+        400,
+        ["body is not valid UTF-8 JSON"],
+    ),
+    (
+        "json-array",
+        b"[]",
+        "application/json",
+        None,
+        400,
+        ["body must be a JSON object with 'resourceSpans'"],
+    ),
+    (
+        "json-string",
+        b'"resourceSpans"',
+        "application/json",
+        None,
+        400,
+        ["body must be a JSON object"],
+    ),
+    ("json-null", b"null", "application/json", None, 400, ["body must be a JSON object"]),
+    (
+        "json-resourceSpans-object",
+        b'{"resourceSpans": {}}',
+        "application/json",
+        None,
+        400,
+        ["resourceSpans must be an array"],
+    ),
+    (
+        "json-scopeSpans-string",
+        b'{"resourceSpans": [{"scopeSpans": "x"}]}',
+        "application/json",
+        None,
+        400,
+        ["resourceSpans[0].scopeSpans must be an array"],
+    ),
+    (
+        "json-resourceSpan-number",
+        b'{"resourceSpans": [7]}',
+        "application/json",
+        None,
+        400,
+        ["resourceSpans[0] must be an object"],
+    ),
+    (
+        "json-span-number",
+        b'{"resourceSpans": [{"scopeSpans": [{"spans": [5]}]}]}',
+        "application/json",
+        None,
+        400,
+        ["resourceSpans[0].scopeSpans[0].spans[0] must be an object"],
+    ),
+    (
+        "json-traceId-number",
+        _json_span(traceId=5),
+        "application/json",
+        None,
+        400,
+        ["spans[0].traceId must be a hex string"],
+    ),
+    (
+        "json-traceId-not-hex",
+        _json_span(traceId="zz" * 16),
+        "application/json",
+        None,
+        400,
+        ["spans[0].traceId is not hex"],
+    ),
+    (
+        "json-traceId-short",
+        _json_span(traceId="0102030405060708"),
+        "application/json",
+        None,
+        400,
+        ["spans[0].traceId must be 32 hex digits, got 16"],
+    ),
+    (
+        "json-spanId-long",
+        _json_span(spanId=_T),
+        "application/json",
+        None,
+        400,
+        ["spans[0].spanId must be 16 hex digits, got 32"],
+    ),
+    (
+        "json-parentSpanId-short",
+        _json_span(parentSpanId="0102"),
+        "application/json",
+        None,
+        400,
+        ["spans[0].parentSpanId must be 16 hex digits, got 4"],
+    ),
+    (
+        "json-zero-traceId",
+        _json_span(traceId="0" * 32),
+        "application/json",
+        None,
+        400,
+        ["'json-span' has an all-zero trace_id or span_id"],
+    ),
+    (
+        "json-name-number",
+        _json_span(name=5),
+        "application/json",
+        None,
+        400,
+        ["not a valid OTLP/JSON ExportTraceServiceRequest", "name"],
+    ),
+    (
+        "json-time-not-number",
+        _json_span(startTimeUnixNano="yesterday"),
+        "application/json",
+        None,
+        400,
+        ["not a valid OTLP/JSON ExportTraceServiceRequest", "startTimeUnixNano"],
+    ),
+    (
+        "json-attributes-object",
+        _json_span(attributes={"k": "v"}),
+        "application/json",
+        None,
+        400,
+        ["not a valid OTLP/JSON ExportTraceServiceRequest", "attributes"],
+    ),
+    (
+        "json-lone-surrogate",
+        _json_span(name="\ud800"),
+        "application/json",
+        None,
+        400,
+        ["not a valid OTLP/JSON ExportTraceServiceRequest", "surrogate"],
+    ),
+    (
+        "text-plain",
+        b"hello collector",
+        "text/plain",
+        None,
+        415,
+        ["Content-Type 'text/plain' is not OTLP", "use application/x-protobuf or application/json"],
+    ),
+    ("form", b"a=1", "application/x-www-form-urlencoded", None, 415, ["is not OTLP"]),
+    (
+        "no-content-type",
+        request_with_span()[0].SerializeToString(),
+        None,
+        None,
+        415,
+        ["Content-Type '(none)' is not OTLP"],
+    ),
+    (
+        "encoding-br",
+        gzip.compress(b"x"),
+        "application/x-protobuf",
+        "br",
+        415,
+        ["Content-Encoding 'br' is not supported", "send gzip or no encoding"],
+    ),
+    (
+        "encoding-deflate",
+        zlib.compress(b"x"),
+        "application/x-protobuf",
+        "deflate",
+        415,
+        ["Content-Encoding 'deflate' is not supported"],
+    ),
+    (
+        "gzip-invalid",
+        b"this is not gzip at all",
+        "application/x-protobuf",
+        "gzip",
+        400,
+        ["body is not valid gzip"],
+    ),
+    (
+        "gzip-truncated",
+        gzip.compress(request_with_span()[0].SerializeToString())[:-12],
+        "application/x-protobuf",
+        "gzip",
+        400,
+        ["body is truncated gzip"],
+    ),
+    (
+        "gzip-of-garbage",
+        gzip.compress(b"\xff\xfe\xfd garbage"),
+        "application/x-protobuf",
+        "gzip",
+        400,
+        ["not a valid OTLP ExportTraceServiceRequest protobuf"],
+    ),
 ]
 
 
@@ -467,8 +631,9 @@ def test_invalid_utf8_in_protobuf_string_is_400(collector: CollectorProcess, whe
         ExportTraceServiceRequest.FromString(body)
     before = snapshot(collector)
     resp = post(collector, body, "application/x-protobuf")
-    assert_refused(resp, 400, "not a valid OTLP ExportTraceServiceRequest protobuf",
-                   "strings are valid UTF-8")
+    assert_refused(
+        resp, 400, "not a valid OTLP ExportTraceServiceRequest protobuf", "strings are valid UTF-8"
+    )
     resp = post(collector, gzip.compress(body), "application/x-protobuf", "gzip")
     assert_refused(resp, 400, "strings are valid UTF-8")
     assert_unharmed(collector, before)
@@ -487,16 +652,22 @@ def _with_span(**fields: bytes | int) -> bytes:
 @pytest.mark.parametrize(
     ("fields", "fragment"),
     [
-        pytest.param({"trace_id": os.urandom(8)}, "invalid id: trace_id must be 16 bytes",
-                     id="trace-id-8-bytes"),
+        pytest.param(
+            {"trace_id": os.urandom(8)},
+            "invalid id: trace_id must be 16 bytes",
+            id="trace-id-8-bytes",
+        ),
         pytest.param({"trace_id": os.urandom(32)}, "invalid id", id="trace-id-32-bytes"),
         pytest.param({"trace_id": b""}, "invalid id", id="trace-id-missing"),
         pytest.param({"span_id": os.urandom(4)}, "span_id 8 bytes", id="span-id-4-bytes"),
         pytest.param({"span_id": b""}, "invalid id", id="span-id-missing"),
         pytest.param({"trace_id": bytes(16)}, "all-zero trace_id or span_id", id="zero-trace-id"),
         pytest.param({"span_id": bytes(8)}, "all-zero trace_id or span_id", id="zero-span-id"),
-        pytest.param({"parent_span_id": os.urandom(3)}, "parent_span_id that is not 8 bytes",
-                     id="parent-span-id-3-bytes"),
+        pytest.param(
+            {"parent_span_id": os.urandom(3)},
+            "parent_span_id that is not 8 bytes",
+            id="parent-span-id-3-bytes",
+        ),
     ],
 )
 def test_invalid_ids_are_400(
@@ -532,19 +703,34 @@ def _too_many(kind: str, n: int) -> bytes:
 @pytest.mark.parametrize(
     ("kind", "n", "fragment"),
     [
-        pytest.param("span", DEFAULT_MAX_ATTRIBUTES + 1,
-                     "span 'crowded' has 1025 attributes; the limit is 1024", id="span-1025"),
-        pytest.param("span", 50_000,
-                     "span 'crowded' has 50000 attributes; the limit is 1024", id="span-50000"),
-        pytest.param("resource", DEFAULT_MAX_ATTRIBUTES + 1,
-                     "resource_spans[0].resource has 1025 attributes; the limit is 1024",
-                     id="resource-1025"),
-        pytest.param("event", DEFAULT_MAX_ATTRIBUTES + 1,
-                     "an event of span 'crowded' has too many attributes", id="event-1025"),
-        pytest.param("events", 1025, "span 'crowded' has too many events or links",
-                     id="events-1025"),
-        pytest.param("links", 1025, "span 'crowded' has too many events or links",
-                     id="links-1025"),
+        pytest.param(
+            "span",
+            DEFAULT_MAX_ATTRIBUTES + 1,
+            "span 'crowded' has 1025 attributes; the limit is 1024",
+            id="span-1025",
+        ),
+        pytest.param(
+            "span",
+            50_000,
+            "span 'crowded' has 50000 attributes; the limit is 1024",
+            id="span-50000",
+        ),
+        pytest.param(
+            "resource",
+            DEFAULT_MAX_ATTRIBUTES + 1,
+            "resource_spans[0].resource has 1025 attributes; the limit is 1024",
+            id="resource-1025",
+        ),
+        pytest.param(
+            "event",
+            DEFAULT_MAX_ATTRIBUTES + 1,
+            "an event of span 'crowded' has too many attributes",
+            id="event-1025",
+        ),
+        pytest.param(
+            "events", 1025, "span 'crowded' has too many events or links", id="events-1025"
+        ),
+        pytest.param("links", 1025, "span 'crowded' has too many events or links", id="links-1025"),
     ],
 )
 def test_too_many_attributes_events_or_links_is_400(
@@ -581,8 +767,9 @@ def test_deeply_nested_json_is_400(collector: CollectorProcess) -> None:
 
 
 def test_json_with_unknown_field_is_accepted(collector: CollectorProcess) -> None:
-    body = _json_span(traceId=os.urandom(16).hex(), spanId=os.urandom(8).hex(),
-                      fieldFromAFutureOtlp=1)
+    body = _json_span(
+        traceId=os.urandom(16).hex(), spanId=os.urandom(8).hex(), fieldFromAFutureOtlp=1
+    )
     assert post(collector, body, "application/json").status_code == 200
 
 
@@ -612,9 +799,15 @@ def test_wrong_wire_type_is_not_answered_retry_later(collector: CollectorProcess
 
 
 def test_times_past_datetime64_range_are_400(collector: CollectorProcess) -> None:
-    assert_refused(post(collector, _with_span(start_time_unix_nano=2**63 + 5,
-                                              end_time_unix_nano=5), "application/x-protobuf"),
-                   400, "past 2262-04-11")
+    assert_refused(
+        post(
+            collector,
+            _with_span(start_time_unix_nano=2**63 + 5, end_time_unix_nano=5),
+            "application/x-protobuf",
+        ),
+        400,
+        "past 2262-04-11",
+    )
 
 
 # -- gRPC -------------------------------------------------------------------------------
@@ -625,13 +818,20 @@ def _zero_ids() -> bytes:
 
 
 GRPC_BAD = [
-    pytest.param(lambda: b"\xff\xfe\xfd not protobuf \x00\x01",
-                 "not a valid OTLP ExportTraceServiceRequest protobuf", id="garbage"),
-    pytest.param(lambda: raw_request(span_name=INVALID_UTF8), "strings are valid UTF-8",
-                 id="invalid-utf8"),
+    pytest.param(
+        lambda: b"\xff\xfe\xfd not protobuf \x00\x01",
+        "not a valid OTLP ExportTraceServiceRequest protobuf",
+        id="garbage",
+    ),
+    pytest.param(
+        lambda: raw_request(span_name=INVALID_UTF8), "strings are valid UTF-8", id="invalid-utf8"
+    ),
     pytest.param(_zero_ids, "all-zero trace_id or span_id", id="zero-ids"),
-    pytest.param(lambda: _too_many("span", DEFAULT_MAX_ATTRIBUTES + 1),
-                 "has 1025 attributes; the limit is 1024", id="too-many-attributes"),
+    pytest.param(
+        lambda: _too_many("span", DEFAULT_MAX_ATTRIBUTES + 1),
+        "has 1025 attributes; the limit is 1024",
+        id="too-many-attributes",
+    ),
 ]
 
 
@@ -667,13 +867,14 @@ SQL_IDS = [
 
 
 @pytest.mark.parametrize("sid", SQL_IDS, ids=lambda s: repr(s)[:24])
-def test_sql_looking_session_id_is_400(
-    collector: CollectorProcess, seeded: Seed, sid: str
-) -> None:
+def test_sql_looking_session_id_is_400(collector: CollectorProcess, seeded: Seed, sid: str) -> None:
     before = snapshot(collector)
     path = quote(sid, safe="")
-    for url in (f"/api/v1/sessions/{path}", f"/api/v1/sessions/{path}/graph",
-                f"/api/v1/sessions/{path}/audit"):
+    for url in (
+        f"/api/v1/sessions/{path}",
+        f"/api/v1/sessions/{path}/graph",
+        f"/api/v1/sessions/{path}/audit",
+    ):
         resp = collector.get(url)
         assert resp.status_code == 400, (url, resp.text)
         assert resp.json()["error"].startswith(f"invalid session id {sid!r}: use 1-128 characters")
@@ -716,8 +917,11 @@ def test_session_ids_cannot_hold_a_slash(collector: CollectorProcess) -> None:
 
 def test_unknown_session_is_404(collector: CollectorProcess, seeded: Seed) -> None:
     sid = "sess-00000000000000000000000000000000"
-    for url in (f"/api/v1/sessions/{sid}", f"/api/v1/sessions/{sid}/graph",
-                f"/api/v1/sessions/{sid}/audit"):
+    for url in (
+        f"/api/v1/sessions/{sid}",
+        f"/api/v1/sessions/{sid}/graph",
+        f"/api/v1/sessions/{sid}/audit",
+    ):
         resp = collector.get(url)
         assert resp.status_code == 404, (url, resp.text)
         assert resp.json()["error"] == f"unknown session {sid!r}: see GET /api/v1/sessions"
@@ -755,13 +959,13 @@ def test_bad_query_parameters_are_400(
 HOSTILE_SESSIONS = [
     "s1'); DROP TABLE otel_traces; --",
     "s2\\'; DELETE FROM agentgov_spans WHERE 1=1; --",
-    "s3\" UNION SELECT name FROM system.tables --",
+    's3" UNION SELECT name FROM system.tables --',
     "{sid:String}') OR ('1'='1",
 ]
 HOSTILE_ROOT = "root'); DROP TABLE agentgov_sessions; --"
 HOSTILE_INTENT = "ignore previous instructions'; DROP TABLE otel_traces; --"
 HOSTILE_TASK = "'; TRUNCATE TABLE agentgov_edges; --"
-HOSTILE_COMMAND = "psql -c \"DROP TABLE otel_traces;\" -- '); SELECT 1"
+HOSTILE_COMMAND = 'psql -c "DROP TABLE otel_traces;" -- \'); SELECT 1'
 
 
 def _hostile_request() -> ExportTraceServiceRequest:
@@ -772,24 +976,44 @@ def _hostile_request() -> ExportTraceServiceRequest:
     now = time.time_ns()
     for n, sid in enumerate(HOSTILE_SESSIONS):
         trace_id = os.urandom(16)
-        child_id = f"child-{n}\"; DROP TABLE agentgov_edges; --"
+        child_id = f'child-{n}"; DROP TABLE agentgov_edges; --'
         common = {"agentgov.session.id": sid, "agentgov.intent": HOSTILE_INTENT}
         spans = [
-            (f"invoke_agent {HOSTILE_ROOT}", {
-                "gen_ai.operation.name": "invoke_agent", "gen_ai.agent.id": HOSTILE_ROOT,
-                "gen_ai.agent.name": HOSTILE_ROOT, "agentgov.delegation.chain": [HOSTILE_ROOT],
-                "agentgov.delegation.depth": 0}),
-            (f"invoke_agent {child_id}", {
-                "gen_ai.operation.name": "invoke_agent", "gen_ai.agent.id": child_id,
-                "gen_ai.agent.name": "child", "agentgov.agent.parent_id": HOSTILE_ROOT,
-                "agentgov.delegation.chain": [HOSTILE_ROOT, child_id],
-                "agentgov.delegation.depth": 1, "agentgov.task": HOSTILE_TASK}),
-            ("execute_tool shell", {
-                "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "shell",
-                "gen_ai.agent.id": child_id, "gen_ai.agent.name": "child",
-                "agentgov.agent.parent_id": HOSTILE_ROOT,
-                "agentgov.delegation.chain": [HOSTILE_ROOT, child_id],
-                "agentgov.delegation.depth": 1, "agentgov.command": HOSTILE_COMMAND}),
+            (
+                f"invoke_agent {HOSTILE_ROOT}",
+                {
+                    "gen_ai.operation.name": "invoke_agent",
+                    "gen_ai.agent.id": HOSTILE_ROOT,
+                    "gen_ai.agent.name": HOSTILE_ROOT,
+                    "agentgov.delegation.chain": [HOSTILE_ROOT],
+                    "agentgov.delegation.depth": 0,
+                },
+            ),
+            (
+                f"invoke_agent {child_id}",
+                {
+                    "gen_ai.operation.name": "invoke_agent",
+                    "gen_ai.agent.id": child_id,
+                    "gen_ai.agent.name": "child",
+                    "agentgov.agent.parent_id": HOSTILE_ROOT,
+                    "agentgov.delegation.chain": [HOSTILE_ROOT, child_id],
+                    "agentgov.delegation.depth": 1,
+                    "agentgov.task": HOSTILE_TASK,
+                },
+            ),
+            (
+                "execute_tool shell",
+                {
+                    "gen_ai.operation.name": "execute_tool",
+                    "gen_ai.tool.name": "shell",
+                    "gen_ai.agent.id": child_id,
+                    "gen_ai.agent.name": "child",
+                    "agentgov.agent.parent_id": HOSTILE_ROOT,
+                    "agentgov.delegation.chain": [HOSTILE_ROOT, child_id],
+                    "agentgov.delegation.depth": 1,
+                    "agentgov.command": HOSTILE_COMMAND,
+                },
+            ),
         ]
         for i, (name, attrs) in enumerate(spans):
             span = ss.spans.add(trace_id=trace_id, span_id=os.urandom(8), name=name)

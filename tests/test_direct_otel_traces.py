@@ -15,14 +15,29 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+
 from agentgov.collector.analytics.queries import Analytics
 from agentgov.collector.risk import RiskRules, combine_session_risk
 
 COLUMNS = [
-    "Timestamp", "TraceId", "SpanId", "ParentSpanId", "TraceState", "SpanName", "SpanKind",
-    "ServiceName", "ResourceAttributes", "ScopeName", "ScopeVersion", "SpanAttributes",
-    "Duration", "StatusCode", "StatusMessage",
-    "Events.Timestamp", "Events.Name", "Events.Attributes",
+    "Timestamp",
+    "TraceId",
+    "SpanId",
+    "ParentSpanId",
+    "TraceState",
+    "SpanName",
+    "SpanKind",
+    "ServiceName",
+    "ResourceAttributes",
+    "ScopeName",
+    "ScopeVersion",
+    "SpanAttributes",
+    "Duration",
+    "StatusCode",
+    "StatusMessage",
+    "Events.Timestamp",
+    "Events.Name",
+    "Events.Attributes",
 ]
 
 SPAN_COLUMNS = (
@@ -69,12 +84,28 @@ class Spans:
         sid = span_id()
         self.ids[key] = sid
         start = BASE_TIME + timedelta(milliseconds=len(self.rows))
-        self.rows.append([
-            start, trace, sid, self.ids.get(parent, parent), "", name, "Internal", self.service,
-            {"service.name": self.service}, "direct-tests", "1.0", attrs, duration_ns, status,
-            "failed" if status == "Error" else "",
-            [start for _ in events], [e[0] for e in events], [e[1] for e in events],
-        ])
+        self.rows.append(
+            [
+                start,
+                trace,
+                sid,
+                self.ids.get(parent, parent),
+                "",
+                name,
+                "Internal",
+                self.service,
+                {"service.name": self.service},
+                "direct-tests",
+                "1.0",
+                attrs,
+                duration_ns,
+                status,
+                "failed" if status == "Error" else "",
+                [start for _ in events],
+                [e[0] for e in events],
+                [e[1] for e in events],
+            ]
+        )
         return sid
 
     def insert(self, client: Any, rows: list[list[Any]] | None = None) -> None:
@@ -82,7 +113,7 @@ class Spans:
 
 
 _SPANS_BY = {
-    key: f"SELECT {SPAN_COLUMNS} FROM agentgov_spans "  # noqa: S608 - constant text
+    key: f"SELECT {SPAN_COLUMNS} FROM agentgov_spans "
     f"WHERE {key} = {{v:String}} ORDER BY Timestamp, SpanId"
     for key in ("SessionId", "TraceId")
 }
@@ -116,8 +147,15 @@ def agent_attrs(
 
 
 def tool_attrs(
-    session: str, agent: str, chain: list[str], *, intent: str, command: str,
-    resources: list[str] | None = None, tool: str = "shell", **extra: str,
+    session: str,
+    agent: str,
+    chain: list[str],
+    *,
+    intent: str,
+    command: str,
+    resources: list[str] | None = None,
+    tool: str = "shell",
+    **extra: str,
 ) -> dict[str, str]:
     attrs = {
         "agentgov.session.id": session,
@@ -147,40 +185,110 @@ def test_exporter_rows_fill_spans_sessions_and_edges(store_client: Any) -> None:
     intent = "Archive last quarter's data, then free disk on the app host"
     planner, worker, sub = uid("planner"), uid("worker"), uid("sub")
     c1, c2, c3 = [planner], [planner, worker], [planner, worker, sub]
-    message = ("agentgov.message", {"agentgov.message.from": planner,
-                                    "agentgov.message.to": worker})
+    message = (
+        "agentgov.message",
+        {"agentgov.message.from": planner, "agentgov.message.to": worker},
+    )
     s = Spans()
-    s.add("planner", agent_attrs(
-        sess, planner, c1, name="planner", intent=intent, **{
-            "agentgov.agent.role": "planner",
-            "agentgov.permissions": '["fs:read","fs:write"]',
-            "agentgov.cost.usd": "0.25",
-            "gen_ai.usage.input_tokens": "1000", "gen_ai.usage.output_tokens": "200",
-        }), trace=trace, name="invoke_agent planner", events=(message, message))
-    s.add("worker", agent_attrs(
-        sess, worker, c2, name="worker", intent=intent, **{
-            "agentgov.task": "archive the data",
-            "agentgov.agent.role": "executor",
-            "agentgov.permissions": '["fs:write"]',
-            "agentgov.cost.usd": "0.125",
-            "gen_ai.usage.input_tokens": "300", "gen_ai.usage.output_tokens": "40",
-        }), trace=trace, name="invoke_agent worker", parent="planner",
-        events=(message, ("unrelated.event", {})))
-    s.add("sub", agent_attrs(
-        sess, sub, c3, name="sub", intent=intent, **{
-            "agentgov.task": "free disk space",
-            "agentgov.permissions": "[]",
-            "agentgov.cost.usd": "0.0625",
-        }), trace=trace, name="invoke_agent sub", parent="worker")
-    s.add("t_ls", tool_attrs(sess, planner, c1, intent=intent, command="ls -la /opt/app"),
-          trace=trace, parent="planner")
-    s.add("t_rm", tool_attrs(sess, worker, c2, intent=intent, command="rm -rf /opt/app/data",
-                             resources=["/opt/app/data"]), trace=trace, parent="worker")
-    s.add("t_curl", tool_attrs(sess, sub, c3, intent=intent, tool="http",
-                               command="curl -fsS https://archive.example.com/upload"),
-          trace=trace, parent="sub", status="Error")
-    s.add("t_prod", tool_attrs(sess, sub, c3, intent=intent, command="df -h",
-                               resources=["prod-app-01:/var"]), trace=trace, parent="sub")
+    s.add(
+        "planner",
+        agent_attrs(
+            sess,
+            planner,
+            c1,
+            name="planner",
+            intent=intent,
+            **{
+                "agentgov.agent.role": "planner",
+                "agentgov.permissions": '["fs:read","fs:write"]',
+                "agentgov.cost.usd": "0.25",
+                "gen_ai.usage.input_tokens": "1000",
+                "gen_ai.usage.output_tokens": "200",
+            },
+        ),
+        trace=trace,
+        name="invoke_agent planner",
+        events=(message, message),
+    )
+    s.add(
+        "worker",
+        agent_attrs(
+            sess,
+            worker,
+            c2,
+            name="worker",
+            intent=intent,
+            **{
+                "agentgov.task": "archive the data",
+                "agentgov.agent.role": "executor",
+                "agentgov.permissions": '["fs:write"]',
+                "agentgov.cost.usd": "0.125",
+                "gen_ai.usage.input_tokens": "300",
+                "gen_ai.usage.output_tokens": "40",
+            },
+        ),
+        trace=trace,
+        name="invoke_agent worker",
+        parent="planner",
+        events=(message, ("unrelated.event", {})),
+    )
+    s.add(
+        "sub",
+        agent_attrs(
+            sess,
+            sub,
+            c3,
+            name="sub",
+            intent=intent,
+            **{
+                "agentgov.task": "free disk space",
+                "agentgov.permissions": "[]",
+                "agentgov.cost.usd": "0.0625",
+            },
+        ),
+        trace=trace,
+        name="invoke_agent sub",
+        parent="worker",
+    )
+    s.add(
+        "t_ls",
+        tool_attrs(sess, planner, c1, intent=intent, command="ls -la /opt/app"),
+        trace=trace,
+        parent="planner",
+    )
+    s.add(
+        "t_rm",
+        tool_attrs(
+            sess,
+            worker,
+            c2,
+            intent=intent,
+            command="rm -rf /opt/app/data",
+            resources=["/opt/app/data"],
+        ),
+        trace=trace,
+        parent="worker",
+    )
+    s.add(
+        "t_curl",
+        tool_attrs(
+            sess,
+            sub,
+            c3,
+            intent=intent,
+            tool="http",
+            command="curl -fsS https://archive.example.com/upload",
+        ),
+        trace=trace,
+        parent="sub",
+        status="Error",
+    )
+    s.add(
+        "t_prod",
+        tool_attrs(sess, sub, c3, intent=intent, command="df -h", resources=["prod-app-01:/var"]),
+        trace=trace,
+        parent="sub",
+    )
     # Two inserts: the aggregating sessions table must merge partial rows correctly.
     s.insert(store_client, s.rows[:3])
     s.insert(store_client, s.rows[3:])
@@ -189,16 +297,48 @@ def test_exporter_rows_fill_spans_sessions_and_edges(store_client: Any) -> None:
     assert len(rows) == 7
     ids = s.ids
     expected_agents = {
-        "planner": dict(AgentId=planner, AgentName="planner", ParentAgentId="", Chain=c1,
-                        Depth=0, Task="", Role="planner", Permissions=["fs:read", "fs:write"],
-                        CostUsd=0.25, InputTokens=1000, OutputTokens=200, Messages=2),
-        "worker": dict(AgentId=worker, AgentName="worker", ParentAgentId=planner, Chain=c2,
-                       Depth=1, Task="archive the data", Role="executor",
-                       Permissions=["fs:write"], CostUsd=0.125, InputTokens=300,
-                       OutputTokens=40, Messages=1),
-        "sub": dict(AgentId=sub, AgentName="sub", ParentAgentId=worker, Chain=c3, Depth=2,
-                    Task="free disk space", Role="", Permissions=[], CostUsd=0.0625,
-                    InputTokens=0, OutputTokens=0, Messages=0),
+        "planner": dict(
+            AgentId=planner,
+            AgentName="planner",
+            ParentAgentId="",
+            Chain=c1,
+            Depth=0,
+            Task="",
+            Role="planner",
+            Permissions=["fs:read", "fs:write"],
+            CostUsd=0.25,
+            InputTokens=1000,
+            OutputTokens=200,
+            Messages=2,
+        ),
+        "worker": dict(
+            AgentId=worker,
+            AgentName="worker",
+            ParentAgentId=planner,
+            Chain=c2,
+            Depth=1,
+            Task="archive the data",
+            Role="executor",
+            Permissions=["fs:write"],
+            CostUsd=0.125,
+            InputTokens=300,
+            OutputTokens=40,
+            Messages=1,
+        ),
+        "sub": dict(
+            AgentId=sub,
+            AgentName="sub",
+            ParentAgentId=worker,
+            Chain=c3,
+            Depth=2,
+            Task="free disk space",
+            Role="",
+            Permissions=[],
+            CostUsd=0.0625,
+            InputTokens=0,
+            OutputTokens=0,
+            Messages=0,
+        ),
     }
     for key, want in expected_agents.items():
         row = rows[ids[key]]
@@ -210,20 +350,68 @@ def test_exporter_rows_fill_spans_sessions_and_edges(store_client: Any) -> None:
 
     expected_tools = {
         "t_ls": (planner, "", c1, 0, "shell", "ls -la /opt/app", [], 0, [], "Unset"),
-        "t_rm": (worker, planner, c2, 1, "shell", "rm -rf /opt/app/data", ["/opt/app/data"],
-                 80, ["destructive_command", "write_scope"], "Unset"),
-        "t_curl": (sub, worker, c3, 2, "http", "curl -fsS https://archive.example.com/upload",
-                   [], 15, ["network_egress"], "Error"),
-        "t_prod": (sub, worker, c3, 2, "shell", "df -h", ["prod-app-01:/var"], 25,
-                   ["production_target"], "Unset"),
+        "t_rm": (
+            worker,
+            planner,
+            c2,
+            1,
+            "shell",
+            "rm -rf /opt/app/data",
+            ["/opt/app/data"],
+            80,
+            ["destructive_command", "write_scope"],
+            "Unset",
+        ),
+        "t_curl": (
+            sub,
+            worker,
+            c3,
+            2,
+            "http",
+            "curl -fsS https://archive.example.com/upload",
+            [],
+            15,
+            ["network_egress"],
+            "Error",
+        ),
+        "t_prod": (
+            sub,
+            worker,
+            c3,
+            2,
+            "shell",
+            "df -h",
+            ["prod-app-01:/var"],
+            25,
+            ["production_target"],
+            "Unset",
+        ),
     }
-    for key, (agent, parent, chain, depth, tool, cmd, res, risk, rules, status) in (
-        expected_tools.items()
-    ):
+    for key, (
+        agent,
+        parent,
+        chain,
+        depth,
+        tool,
+        cmd,
+        res,
+        risk,
+        rules,
+        status,
+    ) in expected_tools.items():
         row = rows[ids[key]]
-        got = (row["AgentId"], row["ParentAgentId"], row["Chain"], row["Depth"], row["ToolName"],
-               row["Command"], row["Resources"], row["RiskScore"], row["RiskRules"],
-               row["StatusCode"])
+        got = (
+            row["AgentId"],
+            row["ParentAgentId"],
+            row["Chain"],
+            row["Depth"],
+            row["ToolName"],
+            row["Command"],
+            row["Resources"],
+            row["RiskScore"],
+            row["RiskRules"],
+            row["StatusCode"],
+        )
         assert got == (agent, parent, chain, depth, tool, cmd, res, risk, rules, status), key
         assert row["Operation"] == "execute_tool" and row["SessionId"] == sess
         assert row["Intent"] == intent and row["Task"] == "" and row["CostUsd"] == 0
@@ -255,8 +443,9 @@ def test_exporter_rows_fill_spans_sessions_and_edges(store_client: Any) -> None:
 
     graph = Analytics(store_client).graph(sess)
     nodes = {r["id"]: r for r in graph.nodes.to_dict("records")}
-    assert {k: (v["parent_id"], v["depth"], v["risk"], v["tool_calls"]) for k, v in nodes.items()} \
-        == {planner: ("", 0, 0, 1), worker: (planner, 1, 80, 1), sub: (worker, 2, 25, 2)}
+    assert {
+        k: (v["parent_id"], v["depth"], v["risk"], v["tool_calls"]) for k, v in nodes.items()
+    } == {planner: ("", 0, 0, 1), worker: (planner, 1, 80, 1), sub: (worker, 2, 25, 2)}
     assert sorted(zip(graph.edges["source"], graph.edges["target"], strict=True)) == sorted(
         [(planner, worker), (worker, sub)]
     )
@@ -269,8 +458,9 @@ def test_spans_without_a_session_stay_out_of_governance_tables(store_client: Any
     trace = trace_id()
     s = Spans()
     s.add("plain", {"http.method": "GET", "agentgov.command": "rm -rf /"}, trace=trace)
-    s.add("empty", {"agentgov.session.id": "", "gen_ai.operation.name": "execute_tool"},
-          trace=trace)
+    s.add(
+        "empty", {"agentgov.session.id": "", "gen_ai.operation.name": "execute_tool"}, trace=trace
+    )
     s.insert(store_client)
     raw = store_client.query(
         "SELECT count() FROM otel_traces WHERE TraceId = {t:String}", parameters={"t": trace}
@@ -287,55 +477,132 @@ def test_foreign_conventions_map_onto_governance_columns(store_client: Any) -> N
     trace = trace_id()
     s = Spans(service="foreign")
     # OpenInference: span kind and session.id
-    s.add("oi_agent", {"openinference.span.kind": "AGENT", "session.id": oi_sess,
-                       "gen_ai.agent.name": "researcher"}, trace=trace)
-    s.add("oi_tool", {"openinference.span.kind": "tool", "session.id": oi_sess,
-                      "gen_ai.agent.name": "researcher",
-                      "agentgov.command": "wget https://data.example.org/set.csv"},
-          trace=trace, parent="oi_agent")
-    s.add("oi_llm", {"openinference.span.kind": "LLM", "session.id": oi_sess,
-                     "gen_ai.usage.input_tokens": "512", "gen_ai.usage.output_tokens": "64"},
-          trace=trace, parent="oi_agent")
+    s.add(
+        "oi_agent",
+        {
+            "openinference.span.kind": "AGENT",
+            "session.id": oi_sess,
+            "gen_ai.agent.name": "researcher",
+        },
+        trace=trace,
+    )
+    s.add(
+        "oi_tool",
+        {
+            "openinference.span.kind": "tool",
+            "session.id": oi_sess,
+            "gen_ai.agent.name": "researcher",
+            "agentgov.command": "wget https://data.example.org/set.csv",
+        },
+        trace=trace,
+        parent="oi_agent",
+    )
+    s.add(
+        "oi_llm",
+        {
+            "openinference.span.kind": "LLM",
+            "session.id": oi_sess,
+            "gen_ai.usage.input_tokens": "512",
+            "gen_ai.usage.output_tokens": "64",
+        },
+        trace=trace,
+        parent="oi_agent",
+    )
     # GenAI conversation id
-    s.add("conv_agent", {"gen_ai.conversation.id": conv_sess,
-                         "gen_ai.operation.name": "invoke_agent", "gen_ai.agent.id": "asst-1",
-                         "gen_ai.agent.name": "assistant"}, trace=trace)
-    s.add("conv_tool", {"gen_ai.conversation.id": conv_sess,
-                        "gen_ai.operation.name": "execute_tool", "gen_ai.agent.id": "asst-1",
-                        "gen_ai.tool.name": "sql",
-                        "agentgov.command": "DROP TABLE staging_events"},
-          trace=trace, parent="conv_agent")
+    s.add(
+        "conv_agent",
+        {
+            "gen_ai.conversation.id": conv_sess,
+            "gen_ai.operation.name": "invoke_agent",
+            "gen_ai.agent.id": "asst-1",
+            "gen_ai.agent.name": "assistant",
+        },
+        trace=trace,
+    )
+    s.add(
+        "conv_tool",
+        {
+            "gen_ai.conversation.id": conv_sess,
+            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.agent.id": "asst-1",
+            "gen_ai.tool.name": "sql",
+            "agentgov.command": "DROP TABLE staging_events",
+        },
+        trace=trace,
+        parent="conv_agent",
+    )
     # OpenLLMetry (traceloop)
-    s.add("tl_tool", {"traceloop.span.kind": "tool",
-                      "traceloop.association.properties.session_id": tl_sess,
-                      "gen_ai.agent.id": "tl-agent",
-                      "agentgov.command": "sudo systemctl restart nginx"}, trace=trace)
+    s.add(
+        "tl_tool",
+        {
+            "traceloop.span.kind": "tool",
+            "traceloop.association.properties.session_id": tl_sess,
+            "gen_ai.agent.id": "tl-agent",
+            "agentgov.command": "sudo systemctl restart nginx",
+        },
+        trace=trace,
+    )
     # agentgov's own id wins over foreign ones on the same span; the chain alone gives depth
-    s.add("mixed", {"agentgov.session.id": mixed, "session.id": oi_sess,
-                    "gen_ai.conversation.id": conv_sess, "openinference.span.kind": "TOOL",
-                    "gen_ai.agent.id": "leaf",
-                    "agentgov.delegation.chain": '["root","mid","leaf"]',
-                    "agentgov.command": "cat notes.txt"}, trace=trace)
+    s.add(
+        "mixed",
+        {
+            "agentgov.session.id": mixed,
+            "session.id": oi_sess,
+            "gen_ai.conversation.id": conv_sess,
+            "openinference.span.kind": "TOOL",
+            "gen_ai.agent.id": "leaf",
+            "agentgov.delegation.chain": '["root","mid","leaf"]',
+            "agentgov.command": "cat notes.txt",
+        },
+        trace=trace,
+    )
     s.insert(store_client)
 
     rows = by_span(span_rows(store_client, "TraceId", trace))
     assert len(rows) == 7
     got = {
-        key: (rows[sid]["SessionId"], rows[sid]["Operation"], rows[sid]["AgentId"],
-              rows[sid]["Chain"], rows[sid]["Depth"], rows[sid]["RiskScore"],
-              rows[sid]["RiskRules"])
+        key: (
+            rows[sid]["SessionId"],
+            rows[sid]["Operation"],
+            rows[sid]["AgentId"],
+            rows[sid]["Chain"],
+            rows[sid]["Depth"],
+            rows[sid]["RiskScore"],
+            rows[sid]["RiskRules"],
+        )
         for key, sid in s.ids.items()
     }
     assert got == {
         "oi_agent": (oi_sess, "invoke_agent", "researcher", ["researcher"], 0, 0, []),
-        "oi_tool": (oi_sess, "execute_tool", "researcher", ["researcher"], 0, 15,
-                    ["network_egress"]),
+        "oi_tool": (
+            oi_sess,
+            "execute_tool",
+            "researcher",
+            ["researcher"],
+            0,
+            15,
+            ["network_egress"],
+        ),
         "oi_llm": (oi_sess, "", "", [], 0, 0, []),
         "conv_agent": (conv_sess, "invoke_agent", "asst-1", ["asst-1"], 0, 0, []),
-        "conv_tool": (conv_sess, "execute_tool", "asst-1", ["asst-1"], 0, 80,
-                      ["destructive_command", "write_scope"]),
-        "tl_tool": (tl_sess, "execute_tool", "tl-agent", ["tl-agent"], 0, 30,
-                    ["privilege_escalation"]),
+        "conv_tool": (
+            conv_sess,
+            "execute_tool",
+            "asst-1",
+            ["asst-1"],
+            0,
+            80,
+            ["destructive_command", "write_scope"],
+        ),
+        "tl_tool": (
+            tl_sess,
+            "execute_tool",
+            "tl-agent",
+            ["tl-agent"],
+            0,
+            30,
+            ["privilege_escalation"],
+        ),
         "mixed": (mixed, "execute_tool", "leaf", ["root", "mid", "leaf"], 2, 0, []),
     }
     assert rows[s.ids["oi_llm"]]["InputTokens"] == 512
@@ -373,11 +640,21 @@ def test_declared_risk_score_cannot_lower_the_computed_one(store_client: Any) ->
     }
     s = Spans()
     for key, (cmd, declared, _, _) in cases.items():
-        s.add(key, tool_attrs(sess, "agent-x", chain, intent="i", command=cmd,
-                              **{"agentgov.risk.score": declared}), trace=trace)
+        s.add(
+            key,
+            tool_attrs(
+                sess, "agent-x", chain, intent="i", command=cmd, **{"agentgov.risk.score": declared}
+            ),
+            trace=trace,
+        )
     # a declared score on a span that is neither a tool call nor a command is not a risk
-    s.add("agent", agent_attrs(sess, "agent-x", chain, name="agent", intent="i",
-                               **{"agentgov.risk.score": "70"}), trace=trace)
+    s.add(
+        "agent",
+        agent_attrs(
+            sess, "agent-x", chain, name="agent", intent="i", **{"agentgov.risk.score": "70"}
+        ),
+        trace=trace,
+    )
     s.insert(store_client)
 
     rows = by_span(span_rows(store_client, "SessionId", sess))
@@ -418,10 +695,18 @@ PARITY_CASES: list[tuple[str, list[str], int, list[str]]] = [
     ("curl -fsSL https://example.com/install.sh", [], 15, ["network_egress"]),
     ("scp backup.tar.gz ops@10.0.0.5:/backups/", [], 15, ["network_egress"]),
     ("sudo systemctl restart nginx", [], 30, ["privilege_escalation"]),
-    ("sudo rm -rf /var/lib/prod", [], 100,
-     ["destructive_command", "write_scope", "production_target", "privilege_escalation"]),
-    ("curl http://prod-api.internal/health | sudo tee /etc/motd", [], 70,
-     ["production_target", "network_egress", "privilege_escalation"]),
+    (
+        "sudo rm -rf /var/lib/prod",
+        [],
+        100,
+        ["destructive_command", "write_scope", "production_target", "privilege_escalation"],
+    ),
+    (
+        "curl http://prod-api.internal/health | sudo tee /etc/motd",
+        [],
+        70,
+        ["production_target", "network_egress", "privilege_escalation"],
+    ),
     ("echo 'rm -rf /' is dangerous", [], 60, ["destructive_command"]),
     ("ls -la /opt/app", [], 0, []),
     ("git status", [], 0, []),
@@ -453,8 +738,11 @@ def scored(store_client: Any) -> dict[tuple[str, tuple[str, ...]], tuple[int, li
     commands = [(c, r) for c, r, _, _ in PARITY_CASES]
     commands += [(p.values[0], []) for p in UNICODE_CASES]
     for i, (cmd, res) in enumerate(commands):
-        s.add(f"c{i}", tool_attrs(sess, "scorer", ["scorer"], intent="parity", command=cmd,
-                                  resources=res), trace=trace)
+        s.add(
+            f"c{i}",
+            tool_attrs(sess, "scorer", ["scorer"], intent="parity", command=cmd, resources=res),
+            trace=trace,
+        )
     s.insert(store_client)
     rows = by_span(span_rows(store_client, "SessionId", sess))
     assert len(rows) == len(commands)
@@ -472,8 +760,11 @@ def test_python_and_sql_risk_rules_agree(scored: dict[Any, tuple[int, list[str]]
     for cmd, res, score, names in PARITY_CASES:
         py = rules.assess(cmd, res)
         sql_score, sql_rules = scored[(cmd, tuple(res))]
-        row = {"python": (py.score, list(py.rules)), "sql": (sql_score, sql_rules),
-               "expected": (score, names)}
+        row = {
+            "python": (py.score, list(py.rules)),
+            "sql": (sql_score, sql_rules),
+            "expected": (score, names),
+        }
         if len({repr(v) for v in row.values()}) != 1:
             mismatches.append((cmd, res, row))
     assert mismatches == []

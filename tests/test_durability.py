@@ -40,8 +40,12 @@ def make_request(session_id: str, spans: int) -> bytes:
         s.name = "execute_tool shell"
         s.start_time_unix_nano = now + i
         s.end_time_unix_nano = now + i + 1000
-        for k, v in (("gen_ai.operation.name", "execute_tool"), ("agentgov.session.id", session_id),
-                     ("gen_ai.agent.id", "worker-1"), ("agentgov.command", f"echo {i}")):
+        for k, v in (
+            ("gen_ai.operation.name", "execute_tool"),
+            ("agentgov.session.id", session_id),
+            ("gen_ai.agent.id", "worker-1"),
+            ("agentgov.command", f"echo {i}"),
+        ):
             s.attributes.append(KeyValue(key=k, value=AnyValue(string_value=v)))
     return req.SerializeToString()
 
@@ -144,23 +148,29 @@ def writer_store(store_client):  # type: ignore[no-untyped-def]
 
 
 def _session_rows(client, session_id: str) -> tuple[int, int]:  # type: ignore[no-untyped-def]
-    return tuple(client.query(  # type: ignore[return-value]
-        "SELECT count(), uniqExact(TraceId, SpanId) FROM otel_traces "
-        "WHERE SpanAttributes['agentgov.session.id'] = {s:String}",
-        parameters={"s": session_id},
-    ).result_rows[0])
+    return tuple(
+        client.query(  # type: ignore[return-value]
+            "SELECT count(), uniqExact(TraceId, SpanId) FROM otel_traces "
+            "WHERE SpanAttributes['agentgov.session.id'] = {s:String}",
+            parameters={"s": session_id},
+        ).result_rows[0]
+    )
 
 
 def test_retry_after_crash_between_insert_and_commit_is_not_duplicated(
-    store_client, writer_store: StoreConfig  # type: ignore[no-untyped-def]
+    store_client,
+    writer_store: StoreConfig,  # type: ignore[no-untyped-def]
 ) -> None:
     session_id = f"sess-doubt-{uuid.uuid4().hex[:8]}"
     payload = make_request(session_id, 50)
     # what a collector that died mid-write leaves: a pending receipt and the stored spans
-    store_client.insert(schema.RECEIPTS, [[request_digest(payload), PENDING]],
-                        column_names=["Digest", "State"])
+    store_client.insert(
+        schema.RECEIPTS, [[request_digest(payload), PENDING]], column_names=["Digest", "State"]
+    )
     store_client.raw_insert(
-        schema.INGEST, insert_block=_varint(len(payload)) + payload, fmt="Protobuf",
+        schema.INGEST,
+        insert_block=_varint(len(payload)) + payload,
+        fmt="Protobuf",
         settings={**schema.INGEST_SETTINGS, "format_schema": schema.ingest_proto()},
     )
     assert _session_rows(store_client, session_id) == (50, 50)
@@ -174,12 +184,14 @@ def test_retry_after_crash_between_insert_and_commit_is_not_duplicated(
 
 
 def test_retry_after_crash_before_insert_writes_everything(
-    store_client, writer_store: StoreConfig  # type: ignore[no-untyped-def]
+    store_client,
+    writer_store: StoreConfig,  # type: ignore[no-untyped-def]
 ) -> None:
     session_id = f"sess-doubt-{uuid.uuid4().hex[:8]}"
     payload = make_request(session_id, 40)
-    store_client.insert(schema.RECEIPTS, [[request_digest(payload), PENDING]],
-                        column_names=["Digest", "State"])
+    store_client.insert(
+        schema.RECEIPTS, [[request_digest(payload), PENDING]], column_names=["Digest", "State"]
+    )
     writer = SpanWriter(writer_store, threads=1).start()
     try:
         assert writer.submit(payload, 40).result(30) == 40
@@ -189,7 +201,8 @@ def test_retry_after_crash_before_insert_writes_everything(
 
 
 def test_concurrent_duplicates_share_one_write(
-    store_client, writer_store: StoreConfig  # type: ignore[no-untyped-def]
+    store_client,
+    writer_store: StoreConfig,  # type: ignore[no-untyped-def]
 ) -> None:
     session_id = f"sess-dup-{uuid.uuid4().hex[:8]}"
     payload = make_request(session_id, 30)

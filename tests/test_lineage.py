@@ -30,6 +30,9 @@ try:  # tests/ as a plain folder (rootdir on sys.path) or as a package
     from conftest import CollectorProcess, free_port, make_provider, wait_for
 except ImportError:  # pragma: no cover
     from tests.conftest import CollectorProcess, free_port, make_provider, wait_for
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+
 from agentgov.instrumentation import (
     Governance,
     InvalidIdError,
@@ -42,8 +45,6 @@ from agentgov.instrumentation import (
     inject_env,
 )
 from agentgov.instrumentation.lineage import MAX_BAGGAGE_INTENT, clip_for_baggage
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
 
 INTENT = "Roll out release 1.2 to staging — then verify health ✓"
 P = "planner-1"
@@ -75,36 +76,97 @@ class Expected:
 
 def _expected() -> dict[str, Expected]:
     parent, child, grandchild = "lineage-parent", "lineage-child", "lineage-grandchild"
-    out = {P: Expected("planner", [P], "", "planner", ROOT_PERMS, parent, "shell",
-                       "ls -la /opt/app")}
+    out = {
+        P: Expected("planner", [P], "", "planner", ROOT_PERMS, parent, "shell", "ls -la /opt/app")
+    }
     for i in range(THREADS):
-        out[f"tw-{i}"] = Expected("thread-worker", [P, f"tw-{i}"], f"thread task {i}", "worker",
-                                  ROOT_PERMS, parent, "shell", f"cat /opt/app/part-{i}")
-        out[f"td-{i}"] = Expected("thread-delegate", [P, f"td-{i}"], f"delegated {i}", "",
-                                  ["fs:read"], parent, "shell", f"wc -l /opt/app/part-{i}")
+        out[f"tw-{i}"] = Expected(
+            "thread-worker",
+            [P, f"tw-{i}"],
+            f"thread task {i}",
+            "worker",
+            ROOT_PERMS,
+            parent,
+            "shell",
+            f"cat /opt/app/part-{i}",
+        )
+        out[f"td-{i}"] = Expected(
+            "thread-delegate",
+            [P, f"td-{i}"],
+            f"delegated {i}",
+            "",
+            ["fs:read"],
+            parent,
+            "shell",
+            f"wc -l /opt/app/part-{i}",
+        )
     for i in range(TASKS):
-        out[f"aw-{i}"] = Expected("async-worker", [P, f"aw-{i}"], f"async task {i}", "",
-                                  ROOT_PERMS, parent, "http",
-                                  f"curl -fsS https://staging.example.com/shard/{i}")
-        out[f"as-{i}"] = Expected("async-sub", [P, f"aw-{i}", f"as-{i}"], f"sub task {i}", "",
-                                  ROOT_PERMS, parent, "shell", f"echo shard {i} done")
-    out["deployer-1"] = Expected("deployer", [P, "deployer-1"], "deploy release 1.2 to staging",
-                                 "deployer", DEPLOY_PERMS, child, "shell",
-                                 "kubectl apply -f release-1.2.yaml")
-    out["packager-1"] = Expected("packager", [P, "deployer-1", "packager-1"],
-                                 "package the release", "", DEPLOY_PERMS, child, "shell",
-                                 "tar czf release-1.2.tgz build/")
-    out["verifier-1"] = Expected("verifier", [P, "deployer-1", "packager-1", "verifier-1"],
-                                 "verify staging health", "verifier", DEPLOY_PERMS, grandchild,
-                                 "http", "curl -fsS https://staging.example.com/health")
-    out["auditor-1"] = Expected("auditor", [P, "auditor-1"], "audit without trace context", "",
-                                ROOT_PERMS, parent, "shell", "git log --oneline -5")
+        out[f"aw-{i}"] = Expected(
+            "async-worker",
+            [P, f"aw-{i}"],
+            f"async task {i}",
+            "",
+            ROOT_PERMS,
+            parent,
+            "http",
+            f"curl -fsS https://staging.example.com/shard/{i}",
+        )
+        out[f"as-{i}"] = Expected(
+            "async-sub",
+            [P, f"aw-{i}", f"as-{i}"],
+            f"sub task {i}",
+            "",
+            ROOT_PERMS,
+            parent,
+            "shell",
+            f"echo shard {i} done",
+        )
+    out["deployer-1"] = Expected(
+        "deployer",
+        [P, "deployer-1"],
+        "deploy release 1.2 to staging",
+        "deployer",
+        DEPLOY_PERMS,
+        child,
+        "shell",
+        "kubectl apply -f release-1.2.yaml",
+    )
+    out["packager-1"] = Expected(
+        "packager",
+        [P, "deployer-1", "packager-1"],
+        "package the release",
+        "",
+        DEPLOY_PERMS,
+        child,
+        "shell",
+        "tar czf release-1.2.tgz build/",
+    )
+    out["verifier-1"] = Expected(
+        "verifier",
+        [P, "deployer-1", "packager-1", "verifier-1"],
+        "verify staging health",
+        "verifier",
+        DEPLOY_PERMS,
+        grandchild,
+        "http",
+        "curl -fsS https://staging.example.com/health",
+    )
+    out["auditor-1"] = Expected(
+        "auditor",
+        [P, "auditor-1"],
+        "audit without trace context",
+        "",
+        ROOT_PERMS,
+        parent,
+        "shell",
+        "git log --oneline -5",
+    )
     return out
 
 
 EXPECTED = _expected()
 
-CHILD_SCRIPT = '''
+CHILD_SCRIPT = """
 import json, os, subprocess, sys
 from agentgov.instrumentation import Governance, configure
 
@@ -144,7 +206,7 @@ try:
 finally:
     provider.shutdown()
 print(json.dumps(report))
-'''
+"""
 
 _DUMP = """
 import json, sys
@@ -182,8 +244,9 @@ class Run:
         return {r["AgentId"]: r for r in self.rows if r["Operation"] == "execute_tool"}
 
 
-def _threads(gov: Governance, root: Any, errors: list[BaseException],
-             orphan: dict[str, Any]) -> None:
+def _threads(
+    gov: Governance, root: Any, errors: list[BaseException], orphan: dict[str, Any]
+) -> None:
     """(a) agents in worker threads: by ``bind`` and by explicit ``delegate``; and a plain
     thread without either, which has no session."""
     together = threading.Barrier(2 * THREADS, timeout=30)
@@ -194,6 +257,7 @@ def _threads(gov: Governance, root: Any, errors: list[BaseException],
                 fn(i)
             except BaseException as exc:
                 errors.append(exc)
+
         return run
 
     def bound_worker(i: int) -> None:
@@ -205,8 +269,9 @@ def _threads(gov: Governance, root: Any, errors: list[BaseException],
 
     def explicit_worker(i: int) -> None:
         exp = EXPECTED[f"td-{i}"]
-        with root.delegate(exp.name, task=exp.task, permissions=exp.permissions,
-                           agent_id=f"td-{i}") as d:
+        with root.delegate(
+            exp.name, task=exp.task, permissions=exp.permissions, agent_id=f"td-{i}"
+        ) as d:
             together.wait()
             with d.tool(exp.tool, command=exp.command):
                 pass
@@ -219,10 +284,12 @@ def _threads(gov: Governance, root: Any, errors: list[BaseException],
         except NoSessionError as exc:
             orphan["error"] = exc
 
-    threads = [threading.Thread(target=bind(guarded(bound_worker)), args=(i,))
-               for i in range(THREADS)]
-    threads += [threading.Thread(target=guarded(explicit_worker), args=(i,))
-                for i in range(THREADS)]
+    threads = [
+        threading.Thread(target=bind(guarded(bound_worker)), args=(i,)) for i in range(THREADS)
+    ]
+    threads += [
+        threading.Thread(target=guarded(explicit_worker), args=(i,)) for i in range(THREADS)
+    ]
     threads.append(threading.Thread(target=plain))
     for t in threads:
         t.start()
@@ -257,14 +324,19 @@ async def _tasks(gov: Governance) -> None:
 def _child_process(root: Any, url: str, script: Path) -> dict[str, Any]:
     """(c) a child process (and its grandchild) started with the handoff's environment."""
     exp = EXPECTED["deployer-1"]
-    handoff = root.handoff(exp.name, task=exp.task, role=exp.role, permissions=exp.permissions,
-                           agent_id="deployer-1")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("OTEL_") and k.upper() not in ("TRACEPARENT", "BAGGAGE")}
+    handoff = root.handoff(
+        exp.name, task=exp.task, role=exp.role, permissions=exp.permissions, agent_id="deployer-1"
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("OTEL_") and k.upper() not in ("TRACEPARENT", "BAGGAGE")
+    }
     env.update(handoff.env())
     env.update(OTEL_EXPORTER_OTLP_ENDPOINT=url, OTEL_SERVICE_NAME="lineage-child")
-    proc = subprocess.run([sys.executable, str(script), "child"], env=env,
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, str(script), "child"], env=env, capture_output=True, text=True, timeout=180
+    )
     if proc.returncode:
         raise RuntimeError(f"child process failed ({proc.returncode}):\n{proc.stderr}")
     return dict(json.loads(proc.stdout))
@@ -283,9 +355,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         errors: list[BaseException] = []
         orphan: dict[str, Any] = {}
         root_exp = EXPECTED[P]
-        with gov.session(INTENT, session_id=sid) as session, session.agent(
-            root_exp.name, role=root_exp.role, permissions=root_exp.permissions, agent_id=P
-        ) as root:
+        with (
+            gov.session(INTENT, session_id=sid) as session,
+            session.agent(
+                root_exp.name, role=root_exp.role, permissions=root_exp.permissions, agent_id=P
+            ) as root,
+        ):
             with root.tool(root_exp.tool, command=root_exp.command):
                 pass
             _threads(gov, root, errors, orphan)
@@ -300,18 +375,27 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         assert provider.force_flush(30_000)
         provider.shutdown()
 
-        result = Run(sid, format(ctx.trace_id, "032x"), format(ctx.span_id, "016x"), child,
-                     errors, orphan)
+        result = Run(
+            sid, format(ctx.trace_id, "032x"), format(ctx.span_id, "016x"), child, errors, orphan
+        )
         total = 2 * len(EXPECTED)
-        wait_for(lambda: collector.get(f"/api/v1/sessions/{sid}").status_code == 200
-                 and collector.get(f"/api/v1/sessions/{sid}").json()["spans"] >= total)
+        wait_for(
+            lambda: (
+                collector.get(f"/api/v1/sessions/{sid}").status_code == 200
+                and collector.get(f"/api/v1/sessions/{sid}").json()["spans"] >= total
+            )
+        )
         result.summary = collector.get(f"/api/v1/sessions/{sid}").json()
         result.graph = collector.get(f"/api/v1/sessions/{sid}/graph").json()
         result.audit = collector.get(f"/api/v1/sessions/{sid}/audit").json()["commands"]
     finally:
         collector.stop()
-    proc = subprocess.run([sys.executable, "-c", _DUMP, str(base / "data"), sid],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _DUMP, str(base / "data"), sid],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result.rows = json.loads(proc.stdout)
     yield result
@@ -364,10 +448,17 @@ def test_audit_rows_carry_exact_lineage(run: Run) -> None:
     assert set(by_agent) == set(EXPECTED)
     for aid, exp in EXPECTED.items():
         r = by_agent[aid]
-        got = (r["agent_name"], r["parent_id"], r["chain"], r["depth"], r["intent"], r["tool"],
-               r["command"], r["status"])
-        want = (exp.name, exp.parent, exp.chain, exp.depth, INTENT, exp.tool, exp.command,
-                "Unset")
+        got = (
+            r["agent_name"],
+            r["parent_id"],
+            r["chain"],
+            r["depth"],
+            r["intent"],
+            r["tool"],
+            r["command"],
+            r["status"],
+        )
+        want = (exp.name, exp.parent, exp.chain, exp.depth, INTENT, exp.tool, exp.command, "Unset")
         assert got == want, aid
 
 
@@ -379,16 +470,48 @@ def test_store_rows_carry_session_task_and_permissions(run: Run) -> None:
     assert set(agents) == set(tools) == set(EXPECTED)
     for aid, exp in EXPECTED.items():
         a = agents[aid]
-        got = (a["AgentName"], a["ParentAgentId"], a["Chain"], a["Depth"], a["Task"], a["Role"],
-               a["Permissions"], a["ServiceName"])
-        want = (exp.name, exp.parent, exp.chain, exp.depth, exp.task, exp.role,
-                exp.permissions, exp.service)
+        got = (
+            a["AgentName"],
+            a["ParentAgentId"],
+            a["Chain"],
+            a["Depth"],
+            a["Task"],
+            a["Role"],
+            a["Permissions"],
+            a["ServiceName"],
+        )
+        want = (
+            exp.name,
+            exp.parent,
+            exp.chain,
+            exp.depth,
+            exp.task,
+            exp.role,
+            exp.permissions,
+            exp.service,
+        )
         assert got == want, aid
         t = tools[aid]
-        got = (t["AgentName"], t["ParentAgentId"], t["Chain"], t["Depth"], t["Role"],
-               t["ToolName"], t["Command"], t["ServiceName"])
-        want = (exp.name, exp.parent, exp.chain, exp.depth, exp.role, exp.tool, exp.command,
-                exp.service)
+        got = (
+            t["AgentName"],
+            t["ParentAgentId"],
+            t["Chain"],
+            t["Depth"],
+            t["Role"],
+            t["ToolName"],
+            t["Command"],
+            t["ServiceName"],
+        )
+        want = (
+            exp.name,
+            exp.parent,
+            exp.chain,
+            exp.depth,
+            exp.role,
+            exp.tool,
+            exp.command,
+            exp.service,
+        )
         assert got == want, aid
         # tool spans carry who/why (session, chain, intent), not the agent's task or grant
         assert (t["Task"], t["Permissions"]) == ("", []), aid
@@ -417,10 +540,26 @@ def test_child_and_grandchild_processes_saw_the_lineage(run: Run) -> None:
     child, grandchild = run.child, run.child["grandchild"]
     for report, aid in ((child, "deployer-1"), (grandchild, "verifier-1")):
         exp = EXPECTED[aid]
-        got = (report["agent_id"], report["chain"], report["depth"], report["parent_id"],
-               report["task"], report["role"], report["permissions"], report["trace_id"])
-        want = (aid, exp.chain, exp.depth, exp.parent, exp.task, exp.role, exp.permissions,
-                run.root_trace)
+        got = (
+            report["agent_id"],
+            report["chain"],
+            report["depth"],
+            report["parent_id"],
+            report["task"],
+            report["role"],
+            report["permissions"],
+            report["trace_id"],
+        )
+        want = (
+            aid,
+            exp.chain,
+            exp.depth,
+            exp.parent,
+            exp.task,
+            exp.role,
+            exp.permissions,
+            run.root_trace,
+        )
         assert got == want
     assert grandchild["depth"] == 3
 
@@ -434,11 +573,19 @@ def gov() -> Governance:
 
 
 def test_handoff_headers_round_trip(gov: Governance) -> None:
-    with gov.session("ship it", session_id="sess-headers") as s, s.agent(
-        "planner", role="planner", permissions=["repo:read", "ci:run"], agent_id="planner-1"
-    ) as root:
-        handoff = root.handoff("builder", task="build the image", role="builder",
-                               permissions=["docker:build"], agent_id="builder-1")
+    with (
+        gov.session("ship it", session_id="sess-headers") as s,
+        s.agent(
+            "planner", role="planner", permissions=["repo:read", "ci:run"], agent_id="planner-1"
+        ) as root,
+    ):
+        handoff = root.handoff(
+            "builder",
+            task="build the image",
+            role="builder",
+            permissions=["docker:build"],
+            agent_id="builder-1",
+        )
         headers = handoff.headers()
         sc = root.span.get_span_context()
     assert set(headers) == {"traceparent", "baggage"}
@@ -447,8 +594,12 @@ def test_handoff_headers_round_trip(gov: Governance) -> None:
 
     ctx = extract(headers)
     assert current_lineage(ctx) == Lineage(
-        session_id="sess-headers", intent="ship it", chain=("planner-1",),
-        permissions=("docker:build",), task="build the image", handoff_to="builder-1",
+        session_id="sess-headers",
+        intent="ship it",
+        chain=("planner-1",),
+        permissions=("docker:build",),
+        task="build the image",
+        handoff_to="builder-1",
         role="builder",
     )
     remote = trace.get_current_span(ctx).get_span_context()
@@ -456,14 +607,22 @@ def test_handoff_headers_round_trip(gov: Governance) -> None:
 
     with gov.agent("builder", carrier=headers) as builder:
         assert (builder.agent_id, builder.session_id, builder.task) == (
-            "builder-1", "sess-headers", "build the image")
+            "builder-1",
+            "sess-headers",
+            "build the image",
+        )
         assert builder.lineage.chain == ("planner-1", "builder-1")
-        assert (builder.depth, builder.parent_id, builder.lineage.role) == (1, "planner-1",
-                                                                             "builder")
+        assert (builder.depth, builder.parent_id, builder.lineage.role) == (
+            1,
+            "planner-1",
+            "builder",
+        )
         assert builder.lineage.permissions == ("docker:build",)
         assert builder.span.parent is not None
         assert (builder.span.parent.span_id, builder.span.context.trace_id) == (
-            sc.span_id, sc.trace_id)
+            sc.span_id,
+            sc.trace_id,
+        )
         # a carrier for the next hop, written from the current context
         onward: dict[str, str] = {}
         inject(onward)
@@ -475,8 +634,9 @@ def test_handoff_headers_round_trip(gov: Governance) -> None:
 
 def test_received_handoff_is_not_forwarded_to_the_next_hop(gov: Governance) -> None:
     with gov.session("ship it") as s, s.agent("planner", agent_id="planner-1") as root:
-        headers = root.handoff("builder", task="build the image", role="builder",
-                               agent_id="builder-1").headers()
+        headers = root.handoff(
+            "builder", task="build the image", role="builder", agent_id="builder-1"
+        ).headers()
     with gov.agent("builder", carrier=headers) as builder:
         # an HTTP call made by the builder carries its context (inject), as documented
         onward: dict[str, str] = {}
@@ -494,17 +654,24 @@ def test_received_handoff_is_not_forwarded_to_the_next_hop(gov: Governance) -> N
 
 
 def test_env_carrier_round_trip_is_case_insensitive(gov: Governance) -> None:
-    with gov.session("nightly batch", session_id="sess-env") as s, s.agent(
-        "scheduler", agent_id="scheduler-1", permissions=[]
-    ) as root:
+    with (
+        gov.session("nightly batch", session_id="sess-env") as s,
+        s.agent("scheduler", agent_id="scheduler-1", permissions=[]) as root,
+    ):
         env = root.handoff("batch", task="run the batch", agent_id="batch-7").env()
         sc = root.span.get_span_context()
         target = {"PATH": "/usr/bin", "TRACEPARENT": "stale", "HOME": "/root"}
         written = inject_env(target)
     assert set(env) == {"TRACEPARENT", "BAGGAGE"}
     assert env["TRACEPARENT"] == f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"
-    expected = Lineage(session_id="sess-env", intent="nightly batch", chain=("scheduler-1",),
-                       permissions=(), task="run the batch", handoff_to="batch-7")
+    expected = Lineage(
+        session_id="sess-env",
+        intent="nightly batch",
+        chain=("scheduler-1",),
+        permissions=(),
+        task="run the batch",
+        handoff_to="batch-7",
+    )
     variants = [
         env,
         {k.lower(): v for k, v in env.items()},
@@ -517,8 +684,11 @@ def test_env_carrier_round_trip_is_case_insensitive(gov: Governance) -> None:
         assert trace.get_current_span(ctx).get_span_context().trace_id == sc.trace_id
     # an empty grant stays empty across the boundary: it must not become "inherit all"
     with gov.agent("batch", carrier=variants[2]) as batch:
-        assert (batch.agent_id, batch.task, batch.lineage.permissions) == ("batch-7",
-                                                                           "run the batch", ())
+        assert (batch.agent_id, batch.task, batch.lineage.permissions) == (
+            "batch-7",
+            "run the batch",
+            (),
+        )
     # inject_env merges into the given environment and returns what it wrote
     assert set(written) == {"TRACEPARENT", "BAGGAGE"}
     assert target["PATH"] == "/usr/bin" and target["HOME"] == "/root"
@@ -543,21 +713,34 @@ _RULE = "1-128 characters of letters, digits and . _ : @ -"
 @pytest.mark.parametrize(
     ("baggage", "message"),
     [
-        ("agentgov.session.id=bad%20id,agentgov.delegation.chain=planner-1",
-         "invalid session id 'bad id'"),
-        ("agentgov.session.id=sess-%C3%A9,agentgov.delegation.chain=planner-1",
-         "invalid session id 'sess-é'"),
-        ("agentgov.session.id=s-1,agentgov.delegation.chain=planner-1%2Cevil%3Brm",
-         "invalid agent id 'evil;rm'"),
-        ("agentgov.session.id=s-1,agentgov.delegation.chain=planner-1,"
-         f"agentgov.handoff.to={'x' * 129}", "invalid agent id 'xxxx"),
+        (
+            "agentgov.session.id=bad%20id,agentgov.delegation.chain=planner-1",
+            "invalid session id 'bad id'",
+        ),
+        (
+            "agentgov.session.id=sess-%C3%A9,agentgov.delegation.chain=planner-1",
+            "invalid session id 'sess-é'",
+        ),
+        (
+            "agentgov.session.id=s-1,agentgov.delegation.chain=planner-1%2Cevil%3Brm",
+            "invalid agent id 'evil;rm'",
+        ),
+        (
+            "agentgov.session.id=s-1,agentgov.delegation.chain=planner-1,"
+            f"agentgov.handoff.to={'x' * 129}",
+            "invalid agent id 'xxxx",
+        ),
         ("agentgov.session.id=s-1,agentgov.delegation.chain=a%20b", "invalid agent id 'a b'"),
     ],
-    ids=["space-in-session", "non-ascii-session", "semicolon-in-chain", "too-long-target",
-         "space-in-chain"],
+    ids=[
+        "space-in-session",
+        "non-ascii-session",
+        "semicolon-in-chain",
+        "too-long-target",
+        "space-in-chain",
+    ],
 )
-def test_invalid_ids_in_a_carrier_are_rejected(gov: Governance, baggage: str,
-                                               message: str) -> None:
+def test_invalid_ids_in_a_carrier_are_rejected(gov: Governance, baggage: str, message: str) -> None:
     for carrier in ({"baggage": baggage}, {"BAGGAGE": baggage}):
         with pytest.raises(InvalidIdError) as info:
             extract(carrier)

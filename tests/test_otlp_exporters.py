@@ -66,15 +66,14 @@ def requests_written(collector: CollectorProcess) -> int:
 
 
 def _provider(collector: CollectorProcess, kind: str, batch: int) -> TracerProvider:
-    bsp = {"max_queue_size": 8192, "max_export_batch_size": batch,
-           "schedule_delay_millis": 60_000}
+    bsp = {"max_queue_size": 8192, "max_export_batch_size": batch, "schedule_delay_millis": 60_000}
     if kind == "grpc":
-        return make_provider(f"http://127.0.0.1:{collector.grpc_port}", "grpc",
-                             service="otlp-grpc", **bsp)
+        return make_provider(
+            f"http://127.0.0.1:{collector.grpc_port}", "grpc", service="otlp-grpc", **bsp
+        )
     if kind == "http":
         return make_provider(collector.url, "http", service="otlp-http", **bsp)
-    exporter = OTLPSpanExporter(endpoint=f"{collector.url}/v1/traces",
-                                compression=Compression.Gzip)
+    exporter = OTLPSpanExporter(endpoint=f"{collector.url}/v1/traces", compression=Compression.Gzip)
     provider = TracerProvider(resource=Resource.create({"service.name": "otlp-http-gzip"}))
     provider.add_span_processor(BatchSpanProcessor(exporter, **bsp))
     return provider
@@ -92,19 +91,32 @@ def test_official_exporter_delivers_every_span_once(
     provider = _provider(collector, kind, batch)
     tracer = provider.get_tracer("bulk-test")
     try:
-        root = tracer.start_span("invoke_agent bulk", attributes={
-            "agentgov.session.id": sid, "gen_ai.operation.name": "invoke_agent",
-            "gen_ai.agent.id": "bulk-root", "gen_ai.agent.name": "bulk",
-            "agentgov.delegation.chain": ["bulk-root"], "agentgov.delegation.depth": 0,
-            "agentgov.intent": f"bulk load over {kind}",
-        })
+        root = tracer.start_span(
+            "invoke_agent bulk",
+            attributes={
+                "agentgov.session.id": sid,
+                "gen_ai.operation.name": "invoke_agent",
+                "gen_ai.agent.id": "bulk-root",
+                "gen_ai.agent.name": "bulk",
+                "agentgov.delegation.chain": ["bulk-root"],
+                "agentgov.delegation.depth": 0,
+                "agentgov.intent": f"bulk load over {kind}",
+            },
+        )
         ctx = trace.set_span_in_context(root)
         for i in range(total - 1):
-            tracer.start_span(f"execute_tool echo {i % 7}", context=ctx, attributes={
-                "agentgov.session.id": sid, "gen_ai.operation.name": "execute_tool",
-                "gen_ai.tool.name": "shell", "gen_ai.agent.id": "bulk-root",
-                "agentgov.delegation.chain": ["bulk-root"], "agentgov.command": f"echo {i}",
-            }).end()
+            tracer.start_span(
+                f"execute_tool echo {i % 7}",
+                context=ctx,
+                attributes={
+                    "agentgov.session.id": sid,
+                    "gen_ai.operation.name": "execute_tool",
+                    "gen_ai.tool.name": "shell",
+                    "gen_ai.agent.id": "bulk-root",
+                    "agentgov.delegation.chain": ["bulk-root"],
+                    "agentgov.command": f"echo {i}",
+                },
+            ).end()
         root.end()
         assert provider.force_flush(60_000), "the exporter did not flush in time"
     finally:
@@ -139,24 +151,36 @@ def protobuf_request(session_id: str, spans: int) -> bytes:
     trace_id = os.urandom(16)
     out = []
     for i in range(spans):
-        out.append(Span(
-            trace_id=trace_id, span_id=os.urandom(8), name="execute_tool shell",
-            kind=Span.SPAN_KIND_INTERNAL, start_time_unix_nano=1_700_000_000_000_000_000 + i,
-            end_time_unix_nano=1_700_000_000_000_500_000 + i,
-            attributes=[_kv("agentgov.session.id", session_id),
-                        _kv("gen_ai.operation.name", "execute_tool"),
-                        _kv("gen_ai.agent.id", "retrier"),
-                        _kv("agentgov.command", f"echo {i}")],
-        ))
-    request = ExportTraceServiceRequest(resource_spans=[ResourceSpans(
-        resource={"attributes": [_kv("service.name", "retry-test")]},
-        scope_spans=[ScopeSpans(scope={"name": "hand-made"}, spans=out)],
-    )])
+        out.append(
+            Span(
+                trace_id=trace_id,
+                span_id=os.urandom(8),
+                name="execute_tool shell",
+                kind=Span.SPAN_KIND_INTERNAL,
+                start_time_unix_nano=1_700_000_000_000_000_000 + i,
+                end_time_unix_nano=1_700_000_000_000_500_000 + i,
+                attributes=[
+                    _kv("agentgov.session.id", session_id),
+                    _kv("gen_ai.operation.name", "execute_tool"),
+                    _kv("gen_ai.agent.id", "retrier"),
+                    _kv("agentgov.command", f"echo {i}"),
+                ],
+            )
+        )
+    request = ExportTraceServiceRequest(
+        resource_spans=[
+            ResourceSpans(
+                resource={"attributes": [_kv("service.name", "retry-test")]},
+                scope_spans=[ScopeSpans(scope={"name": "hand-made"}, spans=out)],
+            )
+        ]
+    )
     return request.SerializeToString()
 
 
-def _post(collector: CollectorProcess, body: bytes, content_type: str,
-          encoding: str | None = None) -> httpx.Response:
+def _post(
+    collector: CollectorProcess, body: bytes, content_type: str, encoding: str | None = None
+) -> httpx.Response:
     headers = {"Content-Type": content_type}
     if encoding:
         headers["Content-Encoding"] = encoding
@@ -178,8 +202,11 @@ def test_retried_request_bodies_are_not_stored_twice(collector: CollectorProcess
     assert again.status_code == 200, again.text
     results: list[int] = []
     threads = [
-        threading.Thread(target=lambda: results.append(
-            _post(collector, body, "application/x-protobuf").status_code))
+        threading.Thread(
+            target=lambda: results.append(
+                _post(collector, body, "application/x-protobuf").status_code
+            )
+        )
         for _ in range(4)
     ]
     for t in threads:
@@ -191,7 +218,8 @@ def test_retried_request_bodies_are_not_stored_twice(collector: CollectorProcess
     assert zipped.status_code == 200, zipped.text
     with grpc.insecure_channel(f"127.0.0.1:{collector.grpc_port}") as channel:
         export = channel.unary_unary(
-            EXPORT_METHOD, request_serializer=lambda b: b,
+            EXPORT_METHOD,
+            request_serializer=lambda b: b,
             response_deserializer=ExportTraceServiceResponse.FromString,
         )
         assert export(body, timeout=30) == ExportTraceServiceResponse()
@@ -219,8 +247,9 @@ def test_gzip_bodies_are_decoded_and_bad_gzip_refused(collector: CollectorProces
     bad = _post(collector, body, "application/x-protobuf", "gzip")  # not actually gzip
     assert bad.status_code == 400
     assert "gzip" in bad.json()["message"]
-    truncated = _post(collector, gzip.compress(protobuf_request(sid, 2))[:-12],
-                      "application/x-protobuf", "gzip")
+    truncated = _post(
+        collector, gzip.compress(protobuf_request(sid, 2))[:-12], "application/x-protobuf", "gzip"
+    )
     assert truncated.status_code == 400
     assert spans_written(collector) == written0
     assert stored_spans(collector, sid) == 7
@@ -240,16 +269,16 @@ print(json.dumps(out, default=str))
 
 _QUERIES = {
     "traces": "SELECT toUnixTimestamp64Nano(Timestamp) AS StartNs, TraceId, SpanId,"
-              " ParentSpanId, SpanName, SpanKind, ServiceName,"
-              " ResourceAttributes, ScopeName, ScopeVersion, SpanAttributes, Duration,"
-              " StatusCode, StatusMessage,"
-              " arrayMap(t -> toUnixTimestamp64Nano(t), `Events.Timestamp`) AS EventNs,"
-              " `Events.Name` AS EventNames, `Events.Attributes` AS EventAttributes"
-              " FROM otel_traces WHERE TraceId = {t:String} ORDER BY Timestamp",
+    " ParentSpanId, SpanName, SpanKind, ServiceName,"
+    " ResourceAttributes, ScopeName, ScopeVersion, SpanAttributes, Duration,"
+    " StatusCode, StatusMessage,"
+    " arrayMap(t -> toUnixTimestamp64Nano(t), `Events.Timestamp`) AS EventNs,"
+    " `Events.Name` AS EventNames, `Events.Attributes` AS EventAttributes"
+    " FROM otel_traces WHERE TraceId = {t:String} ORDER BY Timestamp",
     "spans": "SELECT SessionId, SpanId, ParentSpanId, Operation, AgentId, ParentAgentId, Chain,"
-             " Depth, Intent, Task, ToolName, Command, Resources, RiskScore, RiskRules, CostUsd,"
-             " Messages, StatusCode, StatusMessage"
-             " FROM agentgov_spans WHERE TraceId = {t:String} ORDER BY Timestamp",
+    " Depth, Intent, Task, ToolName, Command, Resources, RiskScore, RiskRules, CostUsd,"
+    " Messages, StatusCode, StatusMessage"
+    " FROM agentgov_spans WHERE TraceId = {t:String} ORDER BY Timestamp",
 }
 
 
@@ -258,7 +287,9 @@ def read_store(data_dir: Path, trace_id: str) -> dict[str, list[dict[str, Any]]]
     (chDB hosts one data path per process, and the collector owns its store while up)."""
     proc = subprocess.run(
         [sys.executable, "-c", _DUMP, str(data_dir), json.dumps(_QUERIES), trace_id],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return dict(json.loads(proc.stdout))
@@ -276,56 +307,99 @@ def test_otlp_json_span_is_stored_as_sent(tmp_path: Path) -> None:
     span_id, child_id, parent_id = uuid.uuid4().hex[:16], uuid.uuid4().hex[:16], "0a1b2c3d4e5f6071"
     start = 1_760_000_000_123_456_789
     digest = "sha256:" + "ab" * 32
-    doc = {"resourceSpans": [{
-        "resource": {"attributes": [
-            _attr("service.name", {"stringValue": "json-agent"}),
-            _attr("host.name", {"stringValue": "worker-3"}),
-        ]},
-        "scopeSpans": [{
-            "scope": {"name": "hand-written", "version": "2.1"},
-            "spans": [
-                {
-                    "traceId": trace_id, "spanId": span_id, "parentSpanId": parent_id,
-                    "name": "execute_tool shell", "kind": 3,
-                    "startTimeUnixNano": str(start),
-                    "endTimeUnixNano": str(start + 1_234_567_891),
+    doc = {
+        "resourceSpans": [
+            {
+                "resource": {
                     "attributes": [
-                        _attr("agentgov.session.id", {"stringValue": sid}),
-                        _attr("gen_ai.operation.name", {"stringValue": "execute_tool"}),
-                        _attr("gen_ai.tool.name", {"stringValue": "shell"}),
-                        _attr("gen_ai.agent.id", {"stringValue": "worker-7"}),
-                        _attr("agentgov.agent.parent_id", {"stringValue": "planner-1"}),
-                        _attr("agentgov.delegation.chain", {"arrayValue": {"values": [
-                            {"stringValue": "planner-1"}, {"stringValue": "worker-7"}]}}),
-                        _attr("agentgov.delegation.depth", {"intValue": "1"}),
-                        _attr("agentgov.intent", {"stringValue": "tidy the data volume"}),
-                        _attr("agentgov.command", {"stringValue": "rm -rf /opt/app/data"}),
-                        _attr("agentgov.resources", {"arrayValue": {"values": [
-                            {"stringValue": "/opt/app/data"}]}}),
-                        _attr("agentgov.cost.usd", {"doubleValue": 0.125}),
-                        _attr("retry.ok", {"boolValue": True}),
-                    ],
-                    "events": [{
-                        "timeUnixNano": str(start + 1000), "name": "agentgov.message",
-                        "attributes": [
-                            _attr("agentgov.message.from", {"stringValue": "worker-7"}),
-                            _attr("agentgov.message.to", {"stringValue": "planner-1"}),
-                            _attr("agentgov.message.digest", {"stringValue": digest}),
-                            _attr("agentgov.message.size", {"intValue": "2048"}),
+                        _attr("service.name", {"stringValue": "json-agent"}),
+                        _attr("host.name", {"stringValue": "worker-3"}),
+                    ]
+                },
+                "scopeSpans": [
+                    {
+                        "scope": {"name": "hand-written", "version": "2.1"},
+                        "spans": [
+                            {
+                                "traceId": trace_id,
+                                "spanId": span_id,
+                                "parentSpanId": parent_id,
+                                "name": "execute_tool shell",
+                                "kind": 3,
+                                "startTimeUnixNano": str(start),
+                                "endTimeUnixNano": str(start + 1_234_567_891),
+                                "attributes": [
+                                    _attr("agentgov.session.id", {"stringValue": sid}),
+                                    _attr("gen_ai.operation.name", {"stringValue": "execute_tool"}),
+                                    _attr("gen_ai.tool.name", {"stringValue": "shell"}),
+                                    _attr("gen_ai.agent.id", {"stringValue": "worker-7"}),
+                                    _attr("agentgov.agent.parent_id", {"stringValue": "planner-1"}),
+                                    _attr(
+                                        "agentgov.delegation.chain",
+                                        {
+                                            "arrayValue": {
+                                                "values": [
+                                                    {"stringValue": "planner-1"},
+                                                    {"stringValue": "worker-7"},
+                                                ]
+                                            }
+                                        },
+                                    ),
+                                    _attr("agentgov.delegation.depth", {"intValue": "1"}),
+                                    _attr(
+                                        "agentgov.intent", {"stringValue": "tidy the data volume"}
+                                    ),
+                                    _attr(
+                                        "agentgov.command", {"stringValue": "rm -rf /opt/app/data"}
+                                    ),
+                                    _attr(
+                                        "agentgov.resources",
+                                        {
+                                            "arrayValue": {
+                                                "values": [{"stringValue": "/opt/app/data"}]
+                                            }
+                                        },
+                                    ),
+                                    _attr("agentgov.cost.usd", {"doubleValue": 0.125}),
+                                    _attr("retry.ok", {"boolValue": True}),
+                                ],
+                                "events": [
+                                    {
+                                        "timeUnixNano": str(start + 1000),
+                                        "name": "agentgov.message",
+                                        "attributes": [
+                                            _attr(
+                                                "agentgov.message.from", {"stringValue": "worker-7"}
+                                            ),
+                                            _attr(
+                                                "agentgov.message.to", {"stringValue": "planner-1"}
+                                            ),
+                                            _attr(
+                                                "agentgov.message.digest", {"stringValue": digest}
+                                            ),
+                                            _attr("agentgov.message.size", {"intValue": "2048"}),
+                                        ],
+                                    }
+                                ],
+                                "status": {"code": 2, "message": "exit status 1"},
+                            },
+                            {  # ids in upper case: OTLP/JSON hex ids are case-insensitive
+                                "traceId": trace_id.upper(),
+                                "spanId": child_id.upper(),
+                                "parentSpanId": span_id.upper(),
+                                "name": "child",
+                                "kind": 1,
+                                "startTimeUnixNano": str(start + 10),
+                                "endTimeUnixNano": str(start + 20),
+                                "attributes": [_attr("agentgov.session.id", {"stringValue": sid})],
+                                "status": {"code": 1},
+                            },
                         ],
-                    }],
-                    "status": {"code": 2, "message": "exit status 1"},
-                },
-                {   # ids in upper case: OTLP/JSON hex ids are case-insensitive
-                    "traceId": trace_id.upper(), "spanId": child_id.upper(),
-                    "parentSpanId": span_id.upper(), "name": "child", "kind": 1,
-                    "startTimeUnixNano": str(start + 10), "endTimeUnixNano": str(start + 20),
-                    "attributes": [_attr("agentgov.session.id", {"stringValue": sid})],
-                    "status": {"code": 1},
-                },
-            ],
-        }],
-    }]}
+                    }
+                ],
+            }
+        ]
+    }
     body = json.dumps(doc).encode()
     try:
         for _ in range(2):  # the second post is a retry of the same bytes
@@ -340,9 +414,17 @@ def test_otlp_json_span_is_stored_as_sent(tmp_path: Path) -> None:
         (row,) = collector.get(f"/api/v1/sessions/{sid}/audit").json()["commands"]
         assert (row["trace_id"], row["span_id"]) == (trace_id, span_id)
         assert (row["agent_id"], row["parent_id"], row["chain"], row["depth"]) == (
-            "worker-7", "planner-1", ["planner-1", "worker-7"], 1)
+            "worker-7",
+            "planner-1",
+            ["planner-1", "worker-7"],
+            1,
+        )
         assert (row["command"], row["resources"], row["risk"], row["status"]) == (
-            "rm -rf /opt/app/data", ["/opt/app/data"], 80, "Error")
+            "rm -rf /opt/app/data",
+            ["/opt/app/data"],
+            80,
+            "Error",
+        )
     finally:
         collector.stop()
 
@@ -350,9 +432,15 @@ def test_otlp_json_span_is_stored_as_sent(tmp_path: Path) -> None:
     first, second = rows["traces"]
     assert first["StartNs"] == start
     assert (first["TraceId"], first["SpanId"], first["ParentSpanId"]) == (
-        trace_id, span_id, parent_id)
+        trace_id,
+        span_id,
+        parent_id,
+    )
     assert (first["SpanName"], first["SpanKind"], first["ServiceName"]) == (
-        "execute_tool shell", "Client", "json-agent")
+        "execute_tool shell",
+        "Client",
+        "json-agent",
+    )
     assert first["ResourceAttributes"] == {"service.name": "json-agent", "host.name": "worker-3"}
     assert (first["ScopeName"], first["ScopeVersion"]) == ("hand-written", "2.1")
     assert first["SpanAttributes"] == {
@@ -373,23 +461,45 @@ def test_otlp_json_span_is_stored_as_sent(tmp_path: Path) -> None:
     assert (first["StatusCode"], first["StatusMessage"]) == ("Error", "exit status 1")
     assert first["EventNames"] == ["agentgov.message"]
     assert first["EventNs"] == [start + 1000]
-    assert first["EventAttributes"] == [{
-        "agentgov.message.from": "worker-7", "agentgov.message.to": "planner-1",
-        "agentgov.message.digest": digest, "agentgov.message.size": "2048",
-    }]
+    assert first["EventAttributes"] == [
+        {
+            "agentgov.message.from": "worker-7",
+            "agentgov.message.to": "planner-1",
+            "agentgov.message.digest": digest,
+            "agentgov.message.size": "2048",
+        }
+    ]
     assert (second["TraceId"], second["SpanId"], second["ParentSpanId"]) == (
-        trace_id, child_id, span_id)
+        trace_id,
+        child_id,
+        span_id,
+    )
     assert (second["StatusCode"], second["SpanKind"]) == ("Ok", "Internal")
 
     gov_first, gov_second = rows["spans"]
     assert gov_first == {
-        "SessionId": sid, "SpanId": span_id, "ParentSpanId": parent_id,
-        "Operation": "execute_tool", "AgentId": "worker-7", "ParentAgentId": "planner-1",
-        "Chain": ["planner-1", "worker-7"], "Depth": 1, "Intent": "tidy the data volume",
-        "Task": "", "ToolName": "shell", "Command": "rm -rf /opt/app/data",
-        "Resources": ["/opt/app/data"], "RiskScore": 80,
-        "RiskRules": ["destructive_command", "write_scope"], "CostUsd": 0.125,
-        "Messages": 1, "StatusCode": "Error", "StatusMessage": "exit status 1",
+        "SessionId": sid,
+        "SpanId": span_id,
+        "ParentSpanId": parent_id,
+        "Operation": "execute_tool",
+        "AgentId": "worker-7",
+        "ParentAgentId": "planner-1",
+        "Chain": ["planner-1", "worker-7"],
+        "Depth": 1,
+        "Intent": "tidy the data volume",
+        "Task": "",
+        "ToolName": "shell",
+        "Command": "rm -rf /opt/app/data",
+        "Resources": ["/opt/app/data"],
+        "RiskScore": 80,
+        "RiskRules": ["destructive_command", "write_scope"],
+        "CostUsd": 0.125,
+        "Messages": 1,
+        "StatusCode": "Error",
+        "StatusMessage": "exit status 1",
     }
     assert (gov_second["SpanId"], gov_second["Operation"], gov_second["Messages"]) == (
-        child_id, "", 0)
+        child_id,
+        "",
+        0,
+    )

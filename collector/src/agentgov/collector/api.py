@@ -35,7 +35,9 @@ def _plain(value: Any) -> Any:
 def records(df: pd.DataFrame) -> list[dict[str, Any]]:
     """A DataFrame as JSON-ready rows."""
     cols = list(df.columns)
-    return [{c: _plain(v) for c, v in zip(cols, row, strict=True)} for row in df.itertuples(index=False)]
+    return [
+        {c: _plain(v) for c, v in zip(cols, row, strict=True)} for row in df.itertuples(index=False)
+    ]
 
 
 def _json(data: Any, status: int = 200) -> Response:

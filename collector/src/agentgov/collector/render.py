@@ -70,7 +70,9 @@ def audit_table(rows: list[dict[str, Any]]) -> str:
 def causal_chain(command: dict[str, Any], graph: dict[str, Any]) -> str:
     """From a command back through every delegation to the human instruction."""
     nodes = {n["id"]: n for n in graph["nodes"]}
-    lines = [f"command   {command['command']!r}  (risk {risk_label(int(command['risk']))}: {', '.join(command['risk_rules']) or 'no rule'})"]
+    lines = [
+        f"command   {command['command']!r}  (risk {risk_label(int(command['risk']))}: {', '.join(command['risk_rules']) or 'no rule'})"
+    ]
     for i, agent_id in enumerate(reversed(command["chain"])):
         n = nodes.get(agent_id, {})
         task = n.get("task") or ""

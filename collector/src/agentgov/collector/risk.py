@@ -21,7 +21,6 @@ import yaml
 from clickhouse_connect.driver.binding import format_query_value
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
 # RE2 (ClickHouse) and Python's re differ outside ASCII; these make Python read a pattern
 # as RE2 does: ASCII classes and case folding, and RE2's \s, which excludes \v.
 _RE2_SPACE = "[\t\n\f\r ]"
@@ -33,8 +32,7 @@ _ESCAPED_S = re.compile(r"(?<!\\)((?:\\\\)*)\\([sS])")
 _SPACE_CHARS = "\x0b\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 _PY_SPACES = re.compile(f"[{_SPACE_CHARS}]")
 _SQL_SPACES = (
-    "[\\x0b\\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\\x{2028}\\x{2029}"
-    "\\x{202f}\\x{205f}\\x{3000}]"
+    "[\\x0b\\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\\x{2028}\\x{2029}\\x{202f}\\x{205f}\\x{3000}]"
 )
 
 
@@ -78,7 +76,10 @@ class RiskRule(BaseModel):
         if pattern is not None:
             if re.search(r"\(\?[=!<]|\\[1-9]", pattern):
                 raise ValueError("look-arounds and backreferences are not RE2: rewrite without")
-            compile_re2(pattern)
+            try:
+                compile_re2(pattern)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
         return pattern
 
     @model_validator(mode="after")
@@ -192,9 +193,11 @@ class RiskRules:
         """
         if not self.rules:
             return "CAST([], 'Array(UInt8)')"
-        return "[" + ", ".join(
-            f"toUInt8{self._condition(r, command, resources)}" for r in self.rules
-        ) + "]"
+        return (
+            "["
+            + ", ".join(f"toUInt8{self._condition(r, command, resources)}" for r in self.rules)
+            + "]"
+        )
 
     def sql_score(self, hits: str) -> str:
         """SQL expression for the score, from the :meth:`sql_hits` array ``hits``."""
@@ -205,6 +208,7 @@ class RiskRules:
         """SQL expression for the names of the matched rules (Array(String))."""
         names = "[" + ", ".join(format_query_value(r.name) for r in self.rules) + "]"
         return f"arrayFilter((n, h) -> h = 1, CAST({names}, 'Array(String)'), {hits})"
+
 
 def combine_session_risk(scores: Sequence[int]) -> int:
     """Session risk from command risks: the chance that at least one command is harmful,

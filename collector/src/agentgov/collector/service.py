@@ -138,7 +138,9 @@ class Collector:
                 server.force_exit = True
             server.should_exit = True
 
-        previous = {sig: signal.signal(sig, request_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {
+            sig: signal.signal(sig, request_exit) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
         try:
             server.run()
         finally:

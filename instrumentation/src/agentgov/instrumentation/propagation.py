@@ -102,9 +102,7 @@ def _lineage_from_baggage(ctx: otel_context.Context) -> Lineage | None:
     raw_chain = str(entries.get(cv.BAGGAGE_CHAIN, "") or "")
     chain = tuple(check_id(a, "agent id") for a in raw_chain.split(",") if a)
     perms_raw = entries.get(cv.BAGGAGE_PERMISSIONS)
-    permissions = (
-        None if perms_raw is None else tuple(p for p in str(perms_raw).split(",") if p)
-    )
+    permissions = None if perms_raw is None else tuple(p for p in str(perms_raw).split(",") if p)
     handoff_to = str(entries.get(cv.BAGGAGE_HANDOFF_TO, "") or "")
     return Lineage(
         session_id=session_id,
@@ -117,7 +115,9 @@ def _lineage_from_baggage(ctx: otel_context.Context) -> Lineage | None:
     )
 
 
-def extract(carrier: Mapping[str, str], ctx: otel_context.Context | None = None) -> otel_context.Context:
+def extract(
+    carrier: Mapping[str, str], ctx: otel_context.Context | None = None
+) -> otel_context.Context:
     """A context with the trace parent, baggage and lineage found in ``carrier``.
 
     Keys are matched case-insensitively, so HTTP headers and ``TRACEPARENT``-style

@@ -68,8 +68,10 @@ class Analytics:
         # several times cheaper than the driver's numpy-based DataFrame path.
         with self._lock:
             result = self._client.query(sql, parameters=parameters)
-        return pd.DataFrame(dict(zip(result.column_names, result.result_columns, strict=True)),
-                            columns=list(result.column_names))
+        return pd.DataFrame(
+            dict(zip(result.column_names, result.result_columns, strict=True)),
+            columns=list(result.column_names),
+        )
 
     def sessions(
         self, limit: int = 50, order: Literal["recent", "risk"] = "recent"
@@ -122,7 +124,9 @@ class Analytics:
         edges = pd.DataFrame(
             [
                 (parent, child, task)
-                for child, parent, task in zip(nodes["id"], nodes["parent_id"], nodes["task"], strict=True)
+                for child, parent, task in zip(
+                    nodes["id"], nodes["parent_id"], nodes["task"], strict=True
+                )
                 if parent
             ],
             columns=["source", "target", "task"],

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import click
 
@@ -49,28 +48,64 @@ def run_agents(endpoint: str) -> tuple[str, list[int]]:
         with session.agent("planner", role="planner") as planner:
             planner.usage(input_tokens=1200, output_tokens=300, usd=0.012)
             with planner.delegate(
-                "orchestrator", task="plan and run the cleanup", role="orchestrator",
+                "orchestrator",
+                task="plan and run the cleanup",
+                role="orchestrator",
                 permissions=["fs.read:/opt/app", "fs.write:/opt/app", "docker.prune", "db.read"],
             ) as orch:
-                with orch.tool("inventory", command="kubectl get deployments -A", resources=["k8s:staging"]):
+                with orch.tool(
+                    "inventory", command="kubectl get deployments -A", resources=["k8s:staging"]
+                ):
                     pass
-                h_logs = orch.handoff("cleanup-logs", task="delete logs older than 30 days",
-                                      role="cleanup", permissions=["fs.write:/opt/app/logs"])
-                h_images = orch.handoff("cleanup-images", task="prune old images",
-                                        role="cleanup", permissions=["docker.prune"])
-                h_data = orch.handoff("cleanup-data", task="remove stale deployment data",
-                                      role="cleanup", permissions=["fs.read:/opt/app"])
-                h_db = orch.handoff("cleanup-db", task="archive old deployment tables",
-                                    role="cleanup", permissions=["db.read"])
+                h_logs = orch.handoff(
+                    "cleanup-logs",
+                    task="delete logs older than 30 days",
+                    role="cleanup",
+                    permissions=["fs.write:/opt/app/logs"],
+                )
+                h_images = orch.handoff(
+                    "cleanup-images",
+                    task="prune old images",
+                    role="cleanup",
+                    permissions=["docker.prune"],
+                )
+                h_data = orch.handoff(
+                    "cleanup-data",
+                    task="remove stale deployment data",
+                    role="cleanup",
+                    permissions=["fs.read:/opt/app"],
+                )
+                h_db = orch.handoff(
+                    "cleanup-db",
+                    task="archive old deployment tables",
+                    role="cleanup",
+                    permissions=["db.read"],
+                )
                 procs = [
-                    _spawn({"agents": [
-                        {"name": "cleanup-logs", "commands": LOGS},
-                        {"name": "cleanup-images", "commands": IMAGES, "carrier": h_images.env()},
-                    ]}, h_logs.env(), endpoint),
-                    _spawn({"agents": [
-                        {"name": "cleanup-data", "commands": DATA},
-                        {"name": "cleanup-db", "commands": DB, "carrier": h_db.env()},
-                    ]}, h_data.env(), endpoint),
+                    _spawn(
+                        {
+                            "agents": [
+                                {"name": "cleanup-logs", "commands": LOGS},
+                                {
+                                    "name": "cleanup-images",
+                                    "commands": IMAGES,
+                                    "carrier": h_images.env(),
+                                },
+                            ]
+                        },
+                        h_logs.env(),
+                        endpoint,
+                    ),
+                    _spawn(
+                        {
+                            "agents": [
+                                {"name": "cleanup-data", "commands": DATA},
+                                {"name": "cleanup-db", "commands": DB, "carrier": h_db.env()},
+                            ]
+                        },
+                        h_data.env(),
+                        endpoint,
+                    ),
                 ]
                 pids = [p.pid for p in procs]
                 for p in procs:
@@ -88,10 +123,15 @@ def main(store: str | None, http_port: int) -> None:
     endpoint = f"http://127.0.0.1:{collector.http_port}"
     api = CollectorClient(endpoint)
     try:
-        click.secho(f"agentgov demo — embedded collector on {endpoint}, store {collector.config.store_config.redacted()}", bold=True)
+        click.secho(
+            f"agentgov demo — embedded collector on {endpoint}, store {collector.config.store_config.redacted()}",
+            bold=True,
+        )
         click.echo(f'The user says: "{INTENT}"\n')
         session_id, pids = run_agents(endpoint)
-        click.echo(f"Agents ran in processes {', '.join(map(str, [__import__('os').getpid(), *pids]))}; session {session_id}\n")
+        click.echo(
+            f"Agents ran in processes {', '.join(map(str, [__import__('os').getpid(), *pids]))}; session {session_id}\n"
+        )
 
         graph = api.graph(session_id)
         summary = api.session(session_id)
@@ -112,7 +152,9 @@ def main(store: str | None, http_port: int) -> None:
         click.secho("Who asked for 'rm -rf /opt/app/data'? (nothing was deleted)", bold=True)
         click.echo(render.causal_chain(target, graph) + "\n")
         click.echo(f"Done in {time.monotonic() - started:.1f}s. Browse it again with:")
-        click.echo("  agentgov collector &   then   agentgov sessions / agentgov graph " + session_id)
+        click.echo(
+            "  agentgov collector &   then   agentgov sessions / agentgov graph " + session_id
+        )
     finally:
         api.close()
         collector.stop()

@@ -205,7 +205,9 @@ def validate(request: ExportTraceServiceRequest, limits: Limits) -> int:
     return count
 
 
-def decode_http(body: bytes, content_type: str, content_encoding: str, limits: Limits) -> DecodedRequest:
+def decode_http(
+    body: bytes, content_type: str, content_encoding: str, limits: Limits
+) -> DecodedRequest:
     """Decode an OTLP/HTTP body (protobuf or JSON, optionally gzip) into a checked request."""
     media = content_type.split(";", 1)[0].strip().lower()
     data = decompress(body, content_encoding, limits)
@@ -227,4 +229,3 @@ def decode_grpc(data: bytes, limits: Limits) -> DecodedRequest:
     """Decode the raw bytes of a gRPC Export call."""
     request = parse_protobuf(data)
     return DecodedRequest(data, validate(request, limits))
-

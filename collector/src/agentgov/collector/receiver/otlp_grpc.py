@@ -39,7 +39,7 @@ class _Export:
             future.result()
         except StoreRejected as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except Exception as exc:  # noqa: BLE001 - storage failure: not acknowledged
+        except Exception as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"spans not stored, retry later: {exc}")
         return ExportTraceServiceResponse()
 

@@ -71,7 +71,7 @@ class OtlpHttpReceiver:
             await asyncio.wrap_future(future)
         except StoreRejected as exc:  # the data itself: a retry cannot succeed
             return _error(400, str(exc))
-        except Exception as exc:  # noqa: BLE001 - storage failure: not acknowledged
+        except Exception as exc:
             return _error(503, f"spans not stored, retry later: {exc}", retry_after=1)
         if content_type.split(";", 1)[0].strip().lower() == "application/json":
             return Response(b"{}", media_type="application/json")

@@ -63,7 +63,7 @@ def open_client(config: StoreConfig) -> Client:
             Path(path).mkdir(parents=True, exist_ok=True)
             return clickhouse_connect.get_client(dsn=f"chdb://{path}")
         return clickhouse_connect.get_client(dsn=config.dsn)
-    except Exception as exc:  # noqa: BLE001 - every driver error becomes one clear message
+    except Exception as exc:
         raise StoreError(
             f"cannot open the ClickHouse store {config.redacted()}: {exc}. "
             "Use chdb:///path for the embedded engine or http(s)://user:password@host:8123/db "
@@ -110,5 +110,7 @@ def prepare(config: StoreConfig, rules: RiskRules) -> Client:
         migrate(client, rules)
     except Exception as exc:
         client.close()
-        raise StoreError(f"cannot create the agentgov schema in {config.redacted()}: {exc}") from exc
+        raise StoreError(
+            f"cannot create the agentgov schema in {config.redacted()}: {exc}"
+        ) from exc
     return client

@@ -106,7 +106,9 @@ GROUP BY TraceId
 
 # -- raw OTLP ingest: ClickHouse decodes the protobuf and flattens it ---------------------
 
-_SCALAR_TAGS = "'none' = 0, 'string_value' = 1, 'bool_value' = 2, 'int_value' = 3, 'double_value' = 4"
+_SCALAR_TAGS = (
+    "'none' = 0, 'string_value' = 1, 'bool_value' = 2, 'int_value' = 3, 'double_value' = 4"
+)
 _SCALAR = (
     f"Tuple(value Enum8({_SCALAR_TAGS}, 'array_value' = 5, 'kvlist_value' = 6, 'bytes_value' = 7),"
     " string_value String, bool_value Bool, int_value Int64, double_value Float64,"
@@ -187,22 +189,22 @@ SELECT
     rattrs AS ResourceAttributes,
     scope.name AS ScopeName,
     scope.version AS ScopeVersion,
-    {_map_sql('s.attributes')} AS SpanAttributes,
+    {_map_sql("s.attributes")} AS SpanAttributes,
     if(s.end_time_unix_nano > s.start_time_unix_nano, s.end_time_unix_nano - s.start_time_unix_nano, 0) AS Duration,
     ['Unset', 'Ok', 'Error'][s.status.code + 1] AS StatusCode,
     s.status.message AS StatusMessage,
     arrayMap(e -> fromUnixTimestamp64Nano(toInt64(e.time_unix_nano)), s.events) AS `Events.Timestamp`,
     arrayMap(e -> e.name, s.events) AS `Events.Name`,
-    arrayMap(e -> {_map_sql('e.attributes')}, s.events) AS `Events.Attributes`,
+    arrayMap(e -> {_map_sql("e.attributes")}, s.events) AS `Events.Attributes`,
     arrayMap(l -> lower(hex(l.trace_id)), s.links) AS `Links.TraceId`,
     arrayMap(l -> lower(hex(l.span_id)), s.links) AS `Links.SpanId`,
     arrayMap(l -> l.trace_state, s.links) AS `Links.TraceState`,
-    arrayMap(l -> {_map_sql('l.attributes')}, s.links) AS `Links.Attributes`
+    arrayMap(l -> {_map_sql("l.attributes")}, s.links) AS `Links.Attributes`
 FROM {INGEST}
 -- Unnest level by level, carrying only each level's own small parts forward: referring to
 -- a whole parent tuple after the next ARRAY JOIN would copy all its spans once per span.
 ARRAY JOIN tupleElement(resource_spans, 'scope_spans') AS scope_spans,
-           arrayMap(r -> {_map_sql('r.resource.attributes')}, resource_spans) AS rattrs
+           arrayMap(r -> {_map_sql("r.resource.attributes")}, resource_spans) AS rattrs
 ARRAY JOIN tupleElement(scope_spans, 'scope') AS scope, tupleElement(scope_spans, 'spans') AS spans
 ARRAY JOIN spans AS s
 """
@@ -283,7 +285,7 @@ WITH
     {json_arr.format(f"{a}['agentgov.resources']")} AS res,
     op = 'execute_tool' OR cmd != '' AS scored,
     -- each rule's patterns run once per span; score and rule names both read these hits
-    if(scored, {rules.sql_hits(sql_normalize('cmd'), f"arrayMap(x -> {sql_normalize('x')}, res)")}, []) AS hits
+    if(scored, {rules.sql_hits(sql_normalize("cmd"), f"arrayMap(x -> {sql_normalize('x')}, res)")}, []) AS hits
 SELECT
     sid AS SessionId,
     Timestamp, TraceId, SpanId, ParentSpanId, ServiceName, SpanName,
@@ -302,9 +304,9 @@ SELECT
     cmd AS Command,
     res AS Resources,
     if(scored,
-       greatest(toUInt8(least(100, toUInt32OrZero({a}['agentgov.risk.score']))), {rules.sql_score('hits')}),
+       greatest(toUInt8(least(100, toUInt32OrZero({a}['agentgov.risk.score']))), {rules.sql_score("hits")}),
        toUInt8(0)) AS RiskScore,
-    if(scored, {rules.sql_rule_names('hits')}, []) AS RiskRules,
+    if(scored, {rules.sql_rule_names("hits")}, []) AS RiskRules,
     toFloat64OrZero({a}['agentgov.cost.usd']) AS CostUsd,
     toUInt64OrZero({a}['gen_ai.usage.input_tokens']) AS InputTokens,
     toUInt64OrZero({a}['gen_ai.usage.output_tokens']) AS OutputTokens,
@@ -312,7 +314,7 @@ SELECT
     Duration, StatusCode, StatusMessage
 FROM {TRACES}
 WHERE sid != ''
-COMMENT {format_query_value('risk rules ' + rules.digest)}
+COMMENT {format_query_value("risk rules " + rules.digest)}
 """
 
 

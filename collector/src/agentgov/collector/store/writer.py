@@ -256,7 +256,7 @@ class SpanWriter:
         for fut in pending:
             try:
                 fut.result(max(0.0, deadline - time.monotonic()))
-            except Exception:  # noqa: BLE001 - the submitter sees the error; flush only waits
+            except Exception:
                 pass
 
     # -- the writer thread ---------------------------------------------------------------
@@ -294,13 +294,16 @@ class SpanWriter:
                 self._drop_stored_spans(client, item)
         try:
             self._insert(client, batch)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if len(batch) > 1:
                 # One bad request must not fail its neighbours: write them one by one.
-                log.warning("batch insert failed (%s); writing its %d requests one by one",
-                            exc, len(batch))
+                log.warning(
+                    "batch insert failed (%s); writing its %d requests one by one", exc, len(batch)
+                )
             for item in batch:
-                self._finish([item], self._insert_alone(client, item, exc if len(batch) == 1 else None))
+                self._finish(
+                    [item], self._insert_alone(client, item, exc if len(batch) == 1 else None)
+                )
             return
         self._finish(batch, None)
 
@@ -315,13 +318,13 @@ class SpanWriter:
             try:
                 self._insert(client, [item])
                 return None
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 failed = exc
         error = classify(failed)
         if isinstance(error, StoreRejected) and item.payload:
             try:
                 fixed = canonical(item.payload)
-            except Exception:  # noqa: BLE001 - unparsable here too: keep the first error
+            except Exception:
                 return error
             if fixed != item.payload:
                 item.payload = fixed
@@ -329,7 +332,7 @@ class SpanWriter:
                     self._drop_stored_spans(client, item)
                     self._insert(client, [item])
                     return None
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     return classify(exc)
         log.warning("request not stored: %s", error)
         return error
@@ -381,14 +384,19 @@ class SpanWriter:
             for callback in self.on_commit:
                 try:
                     callback(written)
-                except Exception:  # noqa: BLE001 - listeners never break ingest
+                except Exception:
                     log.exception("commit listener failed")
 
     def _drop_stored_spans(self, client: Client, item: _Item) -> None:
         """Remove from ``item`` the spans a crashed earlier attempt already stored."""
         request = ExportTraceServiceRequest.FromString(item.payload)
         trace_ids = sorted(
-            {s.trace_id.hex() for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans}
+            {
+                s.trace_id.hex()
+                for rs in request.resource_spans
+                for ss in rs.scope_spans
+                for s in ss.spans
+            }
         )
         if not trace_ids:
             return

@@ -1,0 +1,91 @@
+"""The README's first command: the demo runs end to end, under a minute, and leaves
+nothing running."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _children_of(pid: int) -> set[int]:
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # the parent pid is the 2nd field after the parenthesised command name
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid:
+            out.add(int(entry.name))
+    return out
+
+
+def test_demo_traces_the_rm_rf_back_to_the_human_instruction(tmp_path: Path) -> None:
+    started = time.monotonic()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agentgov.collector.cli",
+            "demo",
+            "--store",
+            f"chdb://{tmp_path / 'data'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert elapsed < 60, f"the demo took {elapsed:.1f}s"
+
+    # the delegation tree, read back from ClickHouse
+    assert "Delegation tree (read back from ClickHouse):" in out
+    tree = out.split("Delegation tree")[1].split("Session:")[0]
+    assert re.search(r"^planner \(planner-[0-9a-f]{12}\) \[planner\]  depth 0", tree, re.M)
+    assert re.search(
+        r"└── orchestrator \(orchestrator-[0-9a-f]{12}\) \[orchestrator\]  depth 1", tree
+    )
+    for worker in ("cleanup-data", "cleanup-db", "cleanup-images", "cleanup-logs"):
+        assert re.search(rf"── {worker} \({worker}-[0-9a-f]{{12}}\) \[cleanup\]  depth 2", tree)
+
+    # agents in at least two other OS processes
+    pids = re.search(r"Agents ran in processes ([\d, ]+);", out)
+    assert pids is not None
+    assert len(set(pids.group(1).split(", "))) == 3
+
+    # session figures and risk
+    assert "6 agents, 13 spans, depth 2, 5 handoffs, 7 commands" in out
+    assert re.search(r"riskiest command 100 HIGH, session risk 100 HIGH", out)
+
+    # the causal chain of rm -rf, back to the instruction
+    chain = out.split("Who asked for 'rm -rf /opt/app/data'? (nothing was deleted)")[1]
+    lines = [line.strip() for line in chain.strip().splitlines()[:5]]
+    assert lines[0].startswith(
+        "command   'rm -rf /opt/app/data'  (risk 80 HIGH: destructive_command, write_scope)"
+    )
+    assert re.match(
+        r"← run by cleanup-data \(cleanup-data-[0-9a-f]{12}\) "
+        r"for task 'remove stale deployment data'",
+        lines[1],
+    )
+    assert re.match(
+        r"← delegated by orchestrator \(orchestrator-[0-9a-f]{12}\) "
+        r"for task 'plan and run the cleanup'",
+        lines[2],
+    )
+    assert re.match(r"← delegated by planner \(planner-[0-9a-f]{12}\)$", lines[3])
+    assert lines[4] == "← on the human instruction 'clean up old deployments'"
+
+    # nothing left running: no child of this test process is still alive
+    assert _children_of(os.getpid()) == set()
