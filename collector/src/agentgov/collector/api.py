@@ -15,6 +15,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from agentgov.collector.analytics import Analytics, SessionNotFound
+from agentgov.collector.auth import AuthError, KeyRing
+from agentgov.collector.governor.engine import Governor
 from agentgov.instrumentation.lineage import InvalidIdError
 
 
@@ -66,18 +68,55 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
 
 
 class QueryApi:
-    """Route handlers; each runs its query on a worker thread."""
+    """Route handlers; each runs its query on a worker thread.
 
-    def __init__(self, analytics: Analytics) -> None:
+    Session figures merge what ClickHouse stores with the governor's live state: a killed
+    session reads ``killed`` at once, and a session known only to the governor (no spans
+    stored yet) is not a 404.
+    """
+
+    def __init__(
+        self, analytics: Analytics, governor: Governor | None = None, keys: KeyRing | None = None
+    ) -> None:
         self.analytics = analytics
+        self.governor = governor
+        self.keys = keys or KeyRing([])
 
-    async def _guard(self, fn: Any, *args: Any) -> Response:
+    async def _guard(self, fn: Any, *args: Any, request: Request | None = None) -> Response:
         try:
+            if request is not None:
+                self.keys.authorize(request.headers.get("authorization"), "read")
             return _json(await run_in_threadpool(fn, *args))
+        except AuthError as exc:
+            return error(exc.status, str(exc))
         except (InvalidIdError, ValueError) as exc:
             return error(400, str(exc))
         except SessionNotFound as exc:
             return error(404, f"unknown session {exc.args[0]!r}: see GET /api/v1/sessions")
+
+    def _with_governor(self, row: dict[str, Any]) -> dict[str, Any]:
+        if self.governor is None:
+            return row
+        live = self.governor.session(str(row["session_id"]))
+        if live is not None:
+            if live["status"] == "killed":
+                row["status"] = "killed"
+            row["governor"] = live
+        return row
+
+    def _session(self, session_id: str) -> dict[str, Any]:
+        try:
+            return self._with_governor(self.analytics.session(session_id))
+        except SessionNotFound:
+            live = self.governor.session(session_id) if self.governor else None
+            if live is None:
+                raise
+            return {
+                "session_id": session_id,
+                "status": live["status"],
+                "spans": 0,
+                "governor": live,
+            }
 
     async def sessions(self, request: Request) -> Response:
         try:
@@ -88,12 +127,18 @@ class QueryApi:
         if order not in ("recent", "risk"):
             return error(400, "query parameter 'order' must be 'recent' or 'risk'")
         return await self._guard(
-            lambda: {"sessions": records(self.analytics.sessions(limit, order))}  # type: ignore[arg-type]
+            lambda: {
+                "sessions": [
+                    self._with_governor(r)
+                    for r in records(self.analytics.sessions(limit, order))  # type: ignore[arg-type]
+                ]
+            },
+            request=request,
         )
 
     async def session(self, request: Request) -> Response:
         sid = request.path_params["session_id"]
-        return await self._guard(self.analytics.session, sid)
+        return await self._guard(self._session, sid, request=request)
 
     async def graph(self, request: Request) -> Response:
         sid = request.path_params["session_id"]
@@ -102,12 +147,13 @@ class QueryApi:
             g = self.analytics.graph(sid)
             return {"session_id": sid, "nodes": records(g.nodes), "edges": records(g.edges)}
 
-        return await self._guard(build)
+        return await self._guard(build, request=request)
 
     async def audit(self, request: Request) -> Response:
         sid = request.path_params["session_id"]
         return await self._guard(
-            lambda: {"session_id": sid, "commands": records(self.analytics.audit(sid))}
+            lambda: {"session_id": sid, "commands": records(self.analytics.audit(sid))},
+            request=request,
         )
 
     async def fanout(self, request: Request) -> Response:
@@ -116,7 +162,9 @@ class QueryApi:
         except ValueError as exc:
             return error(400, str(exc))
         sid = request.query_params.get("session")
-        return await self._guard(lambda: {"agents": records(self.analytics.fanout(sid, limit))})
+        return await self._guard(
+            lambda: {"agents": records(self.analytics.fanout(sid, limit))}, request=request
+        )
 
     def routes(self) -> list[Route]:
         return [

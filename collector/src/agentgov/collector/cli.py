@@ -15,7 +15,7 @@ from agentgov.collector.receiver.decode import Limits
 
 
 def _client(url: str | None) -> CollectorClient:
-    return CollectorClient(url)
+    return CollectorClient(url)  # the API key comes from AGENTGOV_API_KEY
 
 
 def _run(fn: Any) -> None:
@@ -59,6 +59,20 @@ def main() -> None:
     default=None,
     help="Risk rules YAML replacing the built-in rules.",
 )
+@click.option(
+    "--policy",
+    "policy_path",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    envvar="AGENTGOV_POLICY",
+    help="Multi-agent policy YAML (re-read when it changes).",
+)
+@click.option(
+    "--api-keys",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="API keys YAML (keys in AGENTGOV_API_KEYS are added).",
+)
 @click.option("--max-request-bytes", default=Limits.max_request_bytes, show_default=True, type=int)
 @click.option("--max-attributes", default=Limits.max_attributes, show_default=True, type=int)
 @click.option(
@@ -73,11 +87,14 @@ def collector(
     http_port: int,
     grpc_port: int,
     risk_rules: str | None,
+    policy_path: str | None,
+    api_keys: str | None,
     max_request_bytes: int,
     max_attributes: int,
     log_level: str,
 ) -> None:
     """Run the collector: OTLP receivers, ClickHouse storage and the API."""
+    from agentgov.collector.governor.policy import PolicyError
     from agentgov.collector.risk import RiskRulesError
     from agentgov.collector.service import Collector, CollectorConfig
     from agentgov.collector.store.connection import StoreError
@@ -91,6 +108,8 @@ def collector(
         http_port=http_port,
         grpc_port=None if grpc_port < 0 else grpc_port,
         risk_rules=risk_rules,
+        policy=policy_path,
+        api_keys=api_keys,
         limits=Limits(max_request_bytes=max_request_bytes, max_attributes=max_attributes),
         log_level=log_level,
     )
@@ -103,7 +122,7 @@ def collector(
             err=True,
         )
         service.run()
-    except (RiskRulesError, StoreError, OSError) as exc:
+    except (RiskRulesError, PolicyError, StoreError, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
@@ -136,12 +155,35 @@ def graph(url: str | None, as_json: bool, session_id: str) -> None:
     _run(go)
 
 
-@main.command()
+@main.command(context_settings={"ignore_unknown_options": False})
 @url_option
 @json_option
-@click.argument("session_id")
-def audit(url: str | None, as_json: bool, session_id: str) -> None:
-    """Every command of a session, with its agent, parent, chain, intent and risk."""
+@click.argument("args", nargs=-1, required=True, metavar="[verify] SESSION")
+def audit(url: str | None, as_json: bool, args: tuple[str, ...]) -> None:
+    """Every command of a session with its agent, parent, chain, intent and risk;
+    'audit verify SESSION' checks the hash chain of the governor's decision records."""
+    if len(args) == 2 and args[0] == "verify":
+        session_id = args[1]
+
+        def verify() -> None:
+            result = _client(url).verify(session_id)
+            if as_json:
+                click.echo(json.dumps(result, indent=2))
+            elif result["ok"]:
+                click.echo(
+                    f"ok: {result['records']} decision records of {session_id}, chain intact"
+                )
+            else:
+                raise click.ClickException(
+                    f"chain broken at record {result['seq']} of {result['records']}: "
+                    f"{result['problem']}"
+                )
+
+        _run(verify)
+        return
+    if len(args) != 1:
+        raise click.UsageError("use 'agentgov audit SESSION' or 'agentgov audit verify SESSION'")
+    session_id = args[0]
 
     def go() -> None:
         rows = _client(url).audit(session_id)
@@ -153,6 +195,85 @@ def audit(url: str | None, as_json: bool, session_id: str) -> None:
             click.echo(f"\nintent: {rows[0]['intent']!r}")
 
     _run(go)
+
+
+@main.command()
+@url_option
+@click.argument("session_id")
+@click.option("--reason", required=True, help="Why the session is stopped (recorded).")
+def kill(url: str | None, session_id: str, reason: str) -> None:
+    """Stop every agent of a session, in every process, including agents not yet started."""
+
+    def go() -> None:
+        result = _client(url).kill(session_id, reason)
+        cancelled = len(result["cancelled_approvals"])
+        click.echo(f"killed {session_id} ({cancelled} pending approvals cancelled)")
+
+    _run(go)
+
+
+@main.command()
+@url_option
+@json_option
+@click.option(
+    "--status",
+    type=click.Choice(["pending", "approved", "denied", "expired", "cancelled"]),
+    default="pending",
+    show_default=True,
+)
+def approvals(url: str | None, as_json: bool, status: str) -> None:
+    """Approval requests waiting for (or decided by) a reviewer."""
+
+    def go() -> None:
+        rows = _client(url).approvals(status)
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        for a in rows:
+            click.echo(
+                f"{a['approval_id']}  {a['session_id']}  {a['kind']:<8} by {a['requested_by']}: "
+                f"{json.dumps(a['request'])}"
+            )
+
+    _run(go)
+
+
+@main.command()
+@url_option
+@click.argument("approval_id")
+@click.option("--deny", is_flag=True, help="Deny instead of approving.")
+@click.option("--approver", default="", help="Your name (taken from the API key when keys are on).")
+@click.option("--comment", default="")
+def approve(url: str | None, approval_id: str, deny: bool, approver: str, comment: str) -> None:
+    """Approve (or --deny) a pending request."""
+
+    def go() -> None:
+        result = _client(url).decide(approval_id, not deny, approver, comment)
+        click.echo(f"{approval_id}: {result['status']}")
+
+    _run(go)
+
+
+@main.group()
+def policy() -> None:
+    """The multi-agent policy."""
+
+
+@policy.command("lint")
+@click.argument("path", type=click.Path(dir_okay=False))
+def policy_lint(path: str) -> None:
+    """Check a policy file; errors name the file, the field and the fix."""
+    from agentgov.collector.governor.policy import PolicyError, load_policy
+
+    try:
+        loaded = load_policy(path)
+    except PolicyError as exc:
+        raise click.ClickException(str(exc)) from exc
+    ma = loaded.multi_agent
+    click.echo(
+        f"{path}: ok (mode {ma.mode}, {len(ma.roles)} owner roles, "
+        f"{len(ma.permissions)} permission roles)"
+    )
 
 
 @main.command()

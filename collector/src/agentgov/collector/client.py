@@ -21,16 +21,26 @@ class ApiError(RuntimeError):
 
 
 class CollectorClient:
-    def __init__(self, url: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self, url: str | None = None, timeout: float = 30.0, api_key: str | None = None
+    ) -> None:
         self.url = (url or os.environ.get("AGENTGOV_URL") or DEFAULT_URL).rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+        key = api_key or os.environ.get("AGENTGOV_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
     def close(self) -> None:
         self._http.close()
 
     def get(self, path: str, **params: Any) -> Any:
+        return self._call("GET", path, params={k: v for k, v in params.items() if v is not None})
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        return self._call("POST", path, json=body)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
-            resp = self._http.get(path, params={k: v for k, v in params.items() if v is not None})
+            resp = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise ApiError(
                 f"cannot reach the collector at {self.url} ({exc}); start it with "
@@ -58,3 +68,23 @@ class CollectorClient:
 
     def fanout(self, session_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         return list(self.get("/api/v1/fanout", session=session_id, limit=limit)["agents"])
+
+    def kill(self, session_id: str, reason: str, actor: str = "") -> dict[str, Any]:
+        return dict(
+            self.post(
+                f"/api/v1/sessions/{_segment(session_id)}/kill", {"actor": actor, "reason": reason}
+            )
+        )
+
+    def verify(self, session_id: str) -> dict[str, Any]:
+        return dict(self.get(f"/api/v1/sessions/{_segment(session_id)}/decisions/verify"))
+
+    def approvals(self, status: str | None = None) -> list[dict[str, Any]]:
+        return list(self.get("/api/v1/approvals", status=status)["approvals"])
+
+    def decide(self, approval_id: str, approve: bool, approver: str, comment: str) -> Any:
+        verb = "approve" if approve else "deny"
+        return self.post(
+            f"/api/v1/approvals/{_segment(approval_id)}/{verb}",
+            {"approver": approver, "comment": comment},
+        )

@@ -6,12 +6,13 @@ The collector owns its store: with chDB the engine lives in this process, so oth
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -24,6 +25,12 @@ from starlette.routing import Route
 
 from agentgov.collector.analytics import Analytics
 from agentgov.collector.api import QueryApi
+from agentgov.collector.auth import KeyRing
+from agentgov.collector.governor import audit
+from agentgov.collector.governor.api import GovernorApi
+from agentgov.collector.governor.engine import Governor
+from agentgov.collector.governor.events import ControlHub
+from agentgov.collector.governor.policy import PolicySource
 from agentgov.collector.receiver.decode import Limits
 from agentgov.collector.receiver.otlp_grpc import start_grpc_server
 from agentgov.collector.receiver.otlp_http import OtlpHttpReceiver
@@ -56,6 +63,10 @@ class CollectorConfig:
     #: ``None`` disables the gRPC receiver
     grpc_port: int | None = 4317
     risk_rules: str | None = None
+    #: the multi-agent policy YAML (re-read when it changes); None: no limits
+    policy: str | None = None
+    #: API keys YAML; keys in AGENTGOV_API_KEYS are added to these
+    api_keys: str | None = None
     limits: Limits = field(default_factory=Limits)
     log_level: str = "warning"
 
@@ -70,6 +81,14 @@ class Collector:
     def __init__(self, config: CollectorConfig) -> None:
         self.config = config
         self.rules = RiskRules.load(config.risk_rules) if config.risk_rules else RiskRules.default()
+        self.policy = PolicySource(config.policy)
+        keys = KeyRing.from_env()
+        if config.api_keys:
+            keys = KeyRing.from_file(config.api_keys).merged(keys)
+        self.keys = keys
+        self.hub = ControlHub()
+        self.governor: Governor | None = None
+        self.audit_writer: audit.AuditWriter | None = None
         self.writer: SpanWriter | None = None
         self.analytics: Analytics | None = None
         self._grpc: grpc.Server | None = None
@@ -79,9 +98,23 @@ class Collector:
 
     def _app(self) -> Starlette:
         assert self.writer is not None and self.analytics is not None
+        assert self.governor is not None
         receiver = OtlpHttpReceiver(self.writer, self.config.limits)
-        api = QueryApi(self.analytics)
+        api = QueryApi(self.analytics, self.governor, self.keys)
+        gov_api = GovernorApi(self.governor, self.keys, self.hub, self.analytics, self.audit_writer)
         writer = self.writer
+        governor = self.governor
+        hub = self.hub
+        policy = self.policy
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            hub.bind(asyncio.get_running_loop())
+            housekeeping = asyncio.create_task(self._housekeeping(governor, policy))
+            try:
+                yield
+            finally:
+                housekeeping.cancel()
 
         async def health(request: Request) -> Response:
             stats = writer.stats
@@ -101,9 +134,28 @@ class Collector:
             routes=[
                 Route("/v1/traces", receiver.handle, methods=["POST"]),
                 Route("/healthz", health, methods=["GET"]),
+                *gov_api.routes(),
                 *api.routes(),
-            ]
+            ],
+            lifespan=lifespan,
         )
+
+    @staticmethod
+    async def _housekeeping(governor: Governor, policy: PolicySource) -> None:
+        """Expire approvals past their TTL; pick up policy file edits without a restart."""
+        ticks = 0
+        while True:
+            await asyncio.sleep(0.2)
+            ticks += 1
+            try:
+                governor.expire_approvals()
+                if ticks % 5 == 0 and policy.reload_if_changed():
+                    log.warning("policy reloaded from %s", policy.path)
+                elif ticks % 5 == 0 and policy.last_error:
+                    log.error("%s (the last good policy stays in force)", policy.last_error)
+                    policy.last_error = None
+            except Exception:
+                log.exception("governor housekeeping failed")
 
     def _open(self) -> None:
         store = self.config.store_config
@@ -111,6 +163,22 @@ class Collector:
         setup_client.close()
         self.writer = SpanWriter(store).start()
         self.analytics = Analytics(open_client(store))
+        self.audit_writer = audit.AuditWriter(store).start()
+        self.governor = Governor(self.policy, self.rules, sink=self.audit_writer)
+        self.governor.listeners.append(self.hub.publish)
+        replay_client = open_client(store)
+        try:
+            replayed = self.governor.replay(audit.load_records(replay_client))
+        finally:
+            replay_client.close()
+        if replayed:
+            log.info("governor state rebuilt from %d audit records", replayed)
+        if not self.keys.enabled:
+            log.warning(
+                "no API keys configured: the API is open to anyone who can reach %s. "
+                "Set AGENTGOV_API_KEYS or --api-keys to require keys.",
+                self.config.host,
+            )
         if self.config.grpc_port is not None:
             self._grpc, self.grpc_port = start_grpc_server(
                 self.writer, self.config.limits, self.config.host, self.config.grpc_port
@@ -122,7 +190,7 @@ class Collector:
                 port=self.config.http_port,
                 log_level=self.config.log_level,
                 access_log=False,
-                lifespan="off",
+                lifespan="on",
                 timeout_graceful_shutdown=10,
             )
         )
@@ -188,5 +256,9 @@ class Collector:
             self._grpc = None
         if self.writer is not None:
             self.writer.close()
+        if self.audit_writer is not None:
+            self.audit_writer.close()
+            self.audit_writer = None
         if self.analytics is not None:
             self.analytics.close()
+            self.analytics = None

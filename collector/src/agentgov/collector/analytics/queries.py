@@ -153,6 +153,34 @@ class Analytics:
             self.session(session_id)  # 404 if the session does not exist at all
         return df
 
+    def decisions(self, session_id: str) -> dict[str, Any]:
+        """The governor's audit records of a session, in order."""
+        from agentgov.collector.governor import audit
+
+        check_id(session_id, "session id")
+        df = self._df(
+            f"SELECT Seq AS seq, Time AS time, Phase AS phase, Outcome AS outcome, "
+            f"Reason AS reason, Owner AS owner, FromAgent AS from_agent, ToAgent AS to_agent, "
+            f"Task AS task, Depth AS depth, Actor AS actor, Mode AS mode, Detail AS detail, "
+            f"PrevHash AS prev_hash, Hash AS hash FROM {audit.DECISIONS} "
+            "WHERE SessionId = {sid:String} ORDER BY Seq",
+            {"sid": session_id},
+        )
+        if df.empty:
+            raise SessionNotFound(session_id)
+        return {"session_id": session_id, "decisions": df.to_dict(orient="records")}
+
+    def verify_decisions(self, session_id: str) -> dict[str, Any]:
+        """Check the hash chain of a session's audit records."""
+        from agentgov.collector.governor import audit
+
+        check_id(session_id, "session id")
+        with self._lock:
+            result = audit.verify(self._client, session_id)
+        if result.records == 0:
+            raise SessionNotFound(session_id)
+        return result.as_json()
+
     def fanout(self, session_id: str | None = None, limit: int = 100) -> pd.DataFrame:
         """Per delegating agent: how many children it started and how many distinct tasks."""
         where = ""

@@ -1,0 +1,325 @@
+"""The governor's HTTP API: decisions, usage, approvals, kills and control events."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from agentgov.collector.analytics import Analytics
+from agentgov.collector.auth import AuthError, Caller, KeyRing
+from agentgov.collector.governor import audit
+from agentgov.collector.governor.engine import (
+    Decision,
+    Forbidden,
+    Governor,
+    GovernorError,
+    HandoffRequest,
+    ToolRequest,
+    UsageRequest,
+)
+from agentgov.collector.governor.events import ControlHub
+from agentgov.instrumentation.lineage import check_id
+
+log = logging.getLogger(__name__)
+
+_MAX_BODY = 64 << 10
+
+
+def _id(value: str) -> str:
+    return check_id(value, "id")
+
+
+def _opt_id(value: str) -> str:
+    return check_id(value, "id") if value else value
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HandoffBody(_Body):
+    session_id: str
+    from_agent: str = ""
+    to_agent: str
+    task: str = Field(default="", max_length=1000)
+    permissions: list[str] | None = Field(default=None, max_length=256)
+    estimated_usd: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    to_role: str = Field(default="", max_length=128)
+    depth: int | None = Field(default=None, ge=0, le=10_000)
+    approval_id: str = ""
+
+    _ids = field_validator("session_id", "to_agent")(_id)
+    _opt = field_validator("from_agent", "approval_id")(_opt_id)
+
+
+class ToolBody(_Body):
+    session_id: str
+    agent_id: str
+    tool: str = Field(min_length=1, max_length=256)
+    command: str = Field(default="", max_length=64_000)
+    resources: list[str] = Field(default_factory=list, max_length=1024)
+    approval_id: str = ""
+
+    _ids = field_validator("session_id", "agent_id")(_id)
+    _opt = field_validator("approval_id")(_opt_id)
+
+
+class UsageBody(_Body):
+    session_id: str
+    agent_id: str
+    usd: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    tool_calls: int = Field(default=0, ge=0)
+    finished: bool = False
+
+    _ids = field_validator("session_id", "agent_id")(_id)
+
+
+class KillBody(_Body):
+    actor: str = Field(default="", max_length=256)
+    reason: str = Field(default="", max_length=2000)
+
+
+class ApprovalBody(_Body):
+    approver: str = Field(default="", max_length=256)
+    comment: str = Field(default="", max_length=4000)
+
+
+B = TypeVar("B", bound=_Body)
+
+
+class BadRequest(Exception):
+    pass
+
+
+async def _body(request: Request, model: type[B]) -> B:
+    raw = await request.body()
+    if len(raw) > _MAX_BODY:
+        raise BadRequest(f"request body exceeds {_MAX_BODY} bytes")
+    try:
+        data = json.loads(raw or b"{}")
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or '(body)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise BadRequest(f"invalid request: {problems}") from exc
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class GovernorApi:
+    def __init__(
+        self,
+        governor: Governor,
+        keys: KeyRing,
+        hub: ControlHub,
+        analytics: Analytics,
+        audit_writer: audit.AuditWriter | None,
+    ) -> None:
+        self.governor = governor
+        self.keys = keys
+        self.hub = hub
+        self.analytics = analytics
+        self.audit_writer = audit_writer
+
+    def _caller(self, request: Request, action: str) -> Caller | None:
+        return self.keys.authorize(request.headers.get("authorization"), action)
+
+    async def _handle(self, request: Request, action: str, fn: Any) -> Response:
+        try:
+            caller = self._caller(request, action)
+            result = await fn(caller)
+        except AuthError as exc:
+            return _error(exc.status, str(exc))
+        except (BadRequest, ValueError) as exc:
+            return _error(400, str(exc))
+        except Forbidden as exc:
+            return _error(403, str(exc))
+        except GovernorError as exc:
+            return _error(404 if "unknown" in str(exc) else 409, str(exc))
+        if isinstance(result, Response):
+            return result
+        return JSONResponse(result)
+
+    def _fail_safe(self, fn: Any, *args: Any) -> dict[str, Any]:
+        try:
+            decision: Decision = fn(*args)
+        except Exception:
+            log.exception("the governor could not decide")
+            outcome = "allow" if self.governor.policy.on_error == "allow" else "stop"
+            return {"outcome": outcome, "reason": "governor_error"}
+        return decision.as_json()
+
+    # -- decisions -------------------------------------------------------------------------
+
+    async def handoff(self, request: Request) -> Response:
+        async def go(caller: Caller | None) -> dict[str, Any]:
+            body = await _body(request, HandoffBody)
+            return self._fail_safe(
+                self.governor.handoff, HandoffRequest(**body.model_dump()), _name(caller)
+            )
+
+        return await self._handle(request, "decide", go)
+
+    async def tool(self, request: Request) -> Response:
+        async def go(caller: Caller | None) -> dict[str, Any]:
+            body = await _body(request, ToolBody)
+            return self._fail_safe(
+                self.governor.tool, ToolRequest(**body.model_dump()), _name(caller)
+            )
+
+        return await self._handle(request, "decide", go)
+
+    async def usage(self, request: Request) -> Response:
+        async def go(caller: Caller | None) -> dict[str, Any]:
+            body = await _body(request, UsageBody)
+            return self._fail_safe(
+                self.governor.usage, UsageRequest(**body.model_dump()), _name(caller)
+            )
+
+        return await self._handle(request, "decide", go)
+
+    # -- approvals -------------------------------------------------------------------------
+
+    async def approvals(self, request: Request) -> Response:
+        status = request.query_params.get("status")
+        allowed = ("pending", "approved", "denied", "expired", "cancelled")
+        if status is not None and status not in allowed:
+            return _error(400, f"query parameter 'status' must be one of {', '.join(allowed)}")
+
+        async def go(caller: Caller | None) -> dict[str, Any]:
+            return {"approvals": self.governor.approvals(status)}
+
+        return await self._handle(request, "read", go)
+
+    async def approval(self, request: Request) -> Response:
+        async def go(caller: Caller | None) -> dict[str, Any]:
+            return self.governor.get_approval(_id(request.path_params["approval_id"]))
+
+        return await self._handle(request, "read", go)
+
+    async def _decide(self, request: Request, approve: bool) -> Response:
+        async def go(caller: Caller | None) -> dict[str, Any]:
+            body = await _body(request, ApprovalBody)
+            approver = caller.name if caller else body.approver
+            if not approver:
+                raise BadRequest('name the approver: {"approver": "..."}')
+            return self.governor.decide_approval(
+                _id(request.path_params["approval_id"]),
+                approve,
+                approver,
+                body.comment,
+                _name(caller),
+            )
+
+        return await self._handle(request, "approve", go)
+
+    async def approve(self, request: Request) -> Response:
+        return await self._decide(request, True)
+
+    async def deny(self, request: Request) -> Response:
+        return await self._decide(request, False)
+
+    # -- kill and events -------------------------------------------------------------------
+
+    async def kill(self, request: Request) -> Response:
+        async def go(caller: Caller | None) -> dict[str, Any]:
+            sid = _id(request.path_params["session_id"])
+            body = await _body(request, KillBody)
+            actor = caller.name if caller else (body.actor or "anonymous")
+            return self.governor.kill(sid, actor, body.reason)
+
+        return await self._handle(request, "kill", go)
+
+    async def events(self, request: Request) -> Response:
+        async def go(caller: Caller | None) -> Response:
+            sid = _id(request.path_params["session_id"])
+            first: list[tuple[str, dict[str, Any]]] = [
+                ("state", self.governor.session(sid) or {"session_id": sid, "status": "active"})
+            ]
+            killed = self.governor.kill_info(sid)
+            if killed is not None:
+                first.append(("kill", killed))
+            return StreamingResponse(
+                self.hub.stream(sid, first),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+            )
+
+        return await self._handle(request, "events", go)
+
+    # -- audit -----------------------------------------------------------------------------
+
+    async def decisions(self, request: Request) -> Response:
+        async def go(caller: Caller | None) -> dict[str, Any]:
+            sid = _id(request.path_params["session_id"])
+            if self.audit_writer is not None:
+                await run_in_threadpool(self.audit_writer.flush, 5.0)
+            return await run_in_threadpool(self.analytics.decisions, sid)
+
+        return await self._handle(request, "read", go)
+
+    async def verify(self, request: Request) -> Response:
+        async def go(caller: Caller | None) -> dict[str, Any]:
+            sid = _id(request.path_params["session_id"])
+            if self.audit_writer is not None:
+                await run_in_threadpool(self.audit_writer.flush, 5.0)
+            return await run_in_threadpool(self.analytics.verify_decisions, sid)
+
+        return await self._handle(request, "read", go)
+
+    # -- policy ----------------------------------------------------------------------------
+
+    async def policy(self, request: Request) -> Response:
+        async def go(caller: Caller | None) -> dict[str, Any]:
+            source = self.governor.policy_source
+            return {
+                "path": str(source.path) if source.path else None,
+                "policy": source.policy.model_dump(),
+                "last_error": source.last_error,
+            }
+
+        return await self._handle(request, "read", go)
+
+    async def reload(self, request: Request) -> Response:
+        async def go(caller: Caller | None) -> dict[str, Any]:
+            source = self.governor.policy_source
+            changed = source.reload_if_changed()
+            if source.last_error:
+                raise BadRequest(f"kept the last good policy: {source.last_error}")
+            return {"reloaded": changed, "policy": source.policy.model_dump()}
+
+        return await self._handle(request, "policy", go)
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/api/v1/decisions/handoff", self.handoff, methods=["POST"]),
+            Route("/api/v1/decisions/tool", self.tool, methods=["POST"]),
+            Route("/api/v1/usage", self.usage, methods=["POST"]),
+            Route("/api/v1/approvals", self.approvals, methods=["GET"]),
+            Route("/api/v1/approvals/{approval_id}", self.approval, methods=["GET"]),
+            Route("/api/v1/approvals/{approval_id}/approve", self.approve, methods=["POST"]),
+            Route("/api/v1/approvals/{approval_id}/deny", self.deny, methods=["POST"]),
+            Route("/api/v1/sessions/{session_id}/kill", self.kill, methods=["POST"]),
+            Route("/api/v1/sessions/{session_id}/events", self.events, methods=["GET"]),
+            Route("/api/v1/sessions/{session_id}/decisions", self.decisions, methods=["GET"]),
+            Route("/api/v1/sessions/{session_id}/decisions/verify", self.verify, methods=["GET"]),
+            Route("/api/v1/policy", self.policy, methods=["GET"]),
+            Route("/api/v1/policy/reload", self.reload, methods=["POST"]),
+        ]
+
+
+def _name(caller: Caller | None) -> str:
+    return caller.name if caller else ""

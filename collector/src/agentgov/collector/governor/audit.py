@@ -1,0 +1,272 @@
+"""Where decisions are written: ``agentgov_decisions``, hash-chained per session.
+
+Records are written behind the answer by a background thread, in batches. Each record
+carries the hash of the previous record of its session, so a deleted or altered record
+breaks the chain and :func:`verify` says where.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+
+from agentgov.collector.governor.state import Record
+from agentgov.collector.store.connection import StoreConfig, open_client
+
+log = logging.getLogger(__name__)
+
+DECISIONS = "agentgov_decisions"
+
+DECISIONS_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {DECISIONS} (
+    SessionId String,
+    Seq UInt64,
+    Time DateTime64(6),
+    Phase LowCardinality(String),
+    Outcome LowCardinality(String),
+    Reason LowCardinality(String),
+    Owner String,
+    FromAgent String,
+    ToAgent String,
+    Task String,
+    Depth UInt16,
+    Actor String,
+    Mode LowCardinality(String),
+    Detail String,
+    PrevHash String,
+    Hash String
+) ENGINE = MergeTree()
+PARTITION BY toYYYYMM(Time)
+ORDER BY (SessionId, Seq)
+"""
+
+COLUMNS = [
+    "SessionId",
+    "Seq",
+    "Time",
+    "Phase",
+    "Outcome",
+    "Reason",
+    "Owner",
+    "FromAgent",
+    "ToAgent",
+    "Task",
+    "Depth",
+    "Actor",
+    "Mode",
+    "Detail",
+    "PrevHash",
+    "Hash",
+]
+
+
+def _row(r: Record) -> list[Any]:
+    return [
+        r.session_id,
+        r.seq,
+        datetime.fromtimestamp(r.time, tz=UTC),
+        r.phase,
+        r.outcome,
+        r.reason,
+        r.owner,
+        r.from_agent,
+        r.to_agent,
+        r.task,
+        r.depth,
+        r.actor,
+        r.mode,
+        json.dumps(r.detail, sort_keys=True, separators=(",", ":")),
+        r.prev_hash,
+        r.hash,
+    ]
+
+
+def _record(row: Sequence[Any]) -> Record:
+    (
+        sid,
+        seq,
+        at,
+        phase,
+        outcome,
+        reason,
+        owner,
+        frm,
+        to,
+        task,
+        depth,
+        actor,
+        mode,
+        detail,
+        prev,
+        digest,
+    ) = row
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    return Record(
+        session_id=sid,
+        seq=int(seq),
+        time=round(at.timestamp(), 6),
+        phase=phase,
+        outcome=outcome,
+        reason=reason,
+        owner=owner,
+        from_agent=frm,
+        to_agent=to,
+        task=task,
+        depth=int(depth),
+        actor=actor,
+        mode=mode,
+        detail=json.loads(detail) if detail else {},
+        prev_hash=prev,
+        hash=digest,
+    )
+
+
+class AuditWriter:
+    """Batches decision records into ClickHouse on its own thread and client."""
+
+    def __init__(self, store: StoreConfig, interval_s: float = 0.05) -> None:
+        self._store = store
+        self._interval = interval_s
+        self._queue: queue.SimpleQueue[Record | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._client: Client | None = None
+        self._cond = threading.Condition()
+        self._pending = 0
+        self.written = 0
+        self.failures = 0
+
+    def start(self) -> AuditWriter:
+        self._client = open_client(self._store)
+        self._client.command(DECISIONS_TABLE)
+        self._thread = threading.Thread(target=self._run, name="agentgov-audit", daemon=True)
+        self._thread.start()
+        return self
+
+    def __call__(self, record: Record) -> None:
+        with self._cond:
+            self._pending += 1
+        self._queue.put(record)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every record handed over so far is written."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self.flush()
+            self._queue.put(None)
+            self._thread.join(10)
+        if self._client is not None:
+            self._client.close()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            # a short wait gathers the records of a burst into one insert
+            time.sleep(self._interval)
+            batch = [item]
+            stop = False
+            while True:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._write(batch)
+            with self._cond:
+                self._pending -= len(batch)
+                self._cond.notify_all()
+            if stop:
+                return
+
+    def _write(self, batch: list[Record]) -> None:
+        assert self._client is not None
+        for attempt in range(5):
+            try:
+                self._client.insert(DECISIONS, [_row(r) for r in batch], column_names=COLUMNS)
+                self.written += len(batch)
+                return
+            except Exception:
+                self.failures += 1
+                log.exception(
+                    "writing %d decision records failed (try %d)", len(batch), attempt + 1
+                )
+                time.sleep(0.2 * (attempt + 1))
+        log.error("dropped %d decision records after 5 tries", len(batch))
+
+
+def load_records(client: Client, since_days: int = 30) -> Iterator[Record]:
+    """Stored records of recent sessions, in session and sequence order, for replay."""
+    client.command(DECISIONS_TABLE)
+    result = client.query(
+        f"SELECT {', '.join(COLUMNS)} FROM {DECISIONS} WHERE SessionId IN "
+        f"(SELECT DISTINCT SessionId FROM {DECISIONS} "
+        "WHERE Time > now() - toIntervalDay({d:UInt32})) ORDER BY SessionId, Seq",
+        parameters={"d": since_days},
+    )
+    for row in result.result_rows:
+        yield _record(row)
+
+
+@dataclass
+class Verification:
+    session_id: str
+    records: int
+    ok: bool
+    problem: str = ""
+    seq: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "records": self.records,
+            "ok": self.ok,
+            "problem": self.problem or None,
+            "seq": self.seq,
+        }
+
+
+def verify(client: Client, session_id: str) -> Verification:
+    """Check a session's chain: sequence without gaps, each hash right, each link right."""
+    rows = client.query(
+        f"SELECT {', '.join(COLUMNS)} FROM {DECISIONS} WHERE SessionId = {{s:String}} ORDER BY Seq",
+        parameters={"s": session_id},
+    ).result_rows
+    prev = ""
+    for n, row in enumerate(rows, start=1):
+        record = _record(row)
+        if record.seq != n:
+            return Verification(
+                session_id,
+                len(rows),
+                False,
+                f"record {n} is missing (found {record.seq} next): deleted",
+                n,
+            )
+        if record.prev_hash != prev:
+            return Verification(
+                session_id, len(rows), False, f"record {n} does not link to record {n - 1}", n
+            )
+        if hashlib.sha256(record.canonical()).hexdigest() != record.hash:
+            return Verification(
+                session_id, len(rows), False, f"record {n} does not match its hash: altered", n
+            )
+        prev = record.hash
+    return Verification(session_id, len(rows), True)

@@ -1,0 +1,153 @@
+"""The multi-agent policy: a YAML file, validated with errors that name file, field and fix."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class HighRiskDelegation(BaseModel):
+    """Which delegations need a reviewer's approval before they run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: a delegation that grants write permissions (``*.write*``, ``*:write``, ``write:*``)
+    write: bool = False
+    #: a delegation whose task or permissions name production (``prod``, ``production``)
+    production: bool = False
+
+
+class MultiAgentPolicy(BaseModel):
+    """Limits and rules for every session; ``None`` means "no limit"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["enforce", "shadow"] = "enforce"
+    max_agents_per_run: int | None = Field(default=None, ge=1)
+    max_concurrent_agents: int | None = Field(default=None, ge=1)
+    max_handoffs: int | None = Field(default=None, ge=0)
+    max_delegation_depth: int | None = Field(default=None, ge=0)
+    shared_max_usd: float | None = Field(default=None, ge=0)
+    shared_max_tool_calls: int | None = Field(default=None, ge=0)
+    ownership_lock: bool = True
+    #: role -> the tasks that role owns; nobody else may be handed those tasks
+    roles: dict[str, list[str]] = Field(default_factory=dict)
+    #: role -> the most that role may hold (least privilege)
+    permissions: dict[str, list[str]] = Field(default_factory=dict)
+    #: tools any agent may call; ``None``: no allowlist
+    tool_allowlist: list[str] | None = None
+    #: tools (or ``task:NAME``) that need a reviewer's approval first
+    require_approval_for: list[str] = Field(default_factory=list)
+    high_risk_delegation: HighRiskDelegation = Field(default_factory=HighRiskDelegation)
+    approval_ttl_s: int = Field(default=900, ge=1)
+    #: what an agent is told when the governor cannot decide: stop (fail closed) or allow
+    on_error: Literal["stop", "allow"] = "stop"
+
+    @model_validator(mode="after")
+    def _one_owner_per_task(self) -> MultiAgentPolicy:
+        seen: dict[str, str] = {}
+        for role, tasks in self.roles.items():
+            for task in tasks:
+                if task in seen and seen[task] != role:
+                    raise ValueError(
+                        f"task {task!r} is owned by both {seen[task]!r} and {role!r}: "
+                        "give each task one owner role"
+                    )
+                seen[task] = role
+        return self
+
+    def owner_of(self, task: str) -> str | None:
+        for role, tasks in self.roles.items():
+            if task in tasks:
+                return role
+        return None
+
+
+class Policy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    multi_agent: MultiAgentPolicy = Field(default_factory=MultiAgentPolicy)
+
+
+class PolicyError(ValueError):
+    """A policy file is missing or invalid; the message names the file, field and fix."""
+
+
+_HINTS = {
+    "extra_forbidden": "remove it, or check its spelling against the documented fields",
+    "literal_error": "use one of the values listed",
+    "greater_than_equal": "use a larger number",
+    "int_parsing": "use a whole number",
+    "float_parsing": "use a number",
+    "list_type": "use a YAML list, e.g. [a, b]",
+    "dict_type": "use a YAML mapping",
+    "bool_parsing": "use true or false",
+}
+
+
+def parse_policy(text: str, source: str) -> Policy:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{source}: not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise PolicyError(f"{source}: the policy must be a mapping with a 'multi_agent' section")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            hint = _HINTS.get(err["type"], "")
+            problems.append(f"{field}: {err['msg']}" + (f" ({hint})" if hint else ""))
+        raise PolicyError(f"{source}: invalid policy: " + "; ".join(problems)) from exc
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    p = Path(path)
+    try:
+        text = p.read_text("utf-8")
+    except OSError as exc:
+        raise PolicyError(f"{p}: cannot read the policy: {exc.strerror}") from exc
+    return parse_policy(text, str(p))
+
+
+class PolicySource:
+    """A policy file that is re-read when it changes; a broken edit keeps the last good one."""
+
+    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+        self.path = Path(path) if path else None
+        self._stamp: tuple[float, int] | None = None
+        self.policy = load_policy(self.path) if self.path else Policy()
+        self._stamp = self._file_stamp()
+        self.last_error: str | None = None
+
+    def _file_stamp(self) -> tuple[float, int] | None:
+        if self.path is None:
+            return None
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime, st.st_size)
+
+    def reload_if_changed(self) -> bool:
+        """Re-read the file if it changed; True if a new policy is now in force."""
+        stamp = self._file_stamp()
+        if self.path is None or stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            self.policy = load_policy(self.path)
+        except PolicyError as exc:
+            self.last_error = str(exc)
+            return False
+        self.last_error = None
+        return True

@@ -1,0 +1,203 @@
+"""Governor state as plain data, changed only by applying audit records.
+
+Every decision the governor makes is an audit :class:`Record`; :func:`apply` is the one
+place that turns a record into state. Live decisions and the replay after a restart go
+through it alike, so a restarted governor reaches exactly the state it had: spent budget
+stays spent, a killed session stays killed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# phases of audit records
+PRE_HANDOFF = "pre_handoff"
+POST_HANDOFF = "post_handoff"
+TOOL = "tool"
+APPROVAL = "approval"
+KILL = "kill"
+
+ALLOW, STOP, APPROVAL_REQUIRED = "allow", "stop", "approval_required"
+
+
+@dataclass
+class Record:
+    """One decision or control event of a session, as stored in ``agentgov_decisions``."""
+
+    session_id: str
+    seq: int
+    time: float
+    phase: str
+    outcome: str
+    reason: str = ""
+    owner: str = ""
+    from_agent: str = ""
+    to_agent: str = ""
+    task: str = ""
+    depth: int = 0
+    actor: str = ""
+    mode: str = "enforce"
+    detail: dict[str, Any] = field(default_factory=dict)
+    prev_hash: str = ""
+    hash: str = ""
+
+    def canonical(self) -> bytes:
+        """The bytes the hash covers: every field but the hash itself, in a fixed form."""
+        body = asdict(self)
+        body.pop("hash")
+        body["time"] = round(self.time * 1_000_000)  # whole microseconds, as stored
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def seal(self, prev_hash: str) -> Record:
+        self.prev_hash = prev_hash
+        self.hash = hashlib.sha256(self.canonical()).hexdigest()
+        return self
+
+    @property
+    def effective(self) -> bool:
+        """Whether the step went ahead: allowed, or decided in shadow mode (never blocks)."""
+        return self.outcome == ALLOW or (self.mode == "shadow" and self.outcome != "")
+
+
+@dataclass
+class AgentState:
+    agent_id: str
+    parent: str
+    depth: int
+    role: str
+    task: str
+    permissions: tuple[str, ...] | None
+    estimated_usd: float = 0.0
+    spent_usd: float = 0.0
+    active: bool = True
+
+
+@dataclass
+class Approval:
+    approval_id: str
+    session_id: str
+    kind: str  # "handoff" or "tool"
+    requested_by: str  # agent id
+    requester: str  # API key name of the caller, "" when keys are off
+    request: dict[str, Any]
+    created: float
+    expires: float
+    status: str = "pending"  # pending, approved, denied, expired, cancelled
+    approver: str = ""
+    comment: str = ""
+    decided_at: float | None = None
+
+    def public(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SessionState:
+    session_id: str
+    agents: dict[str, AgentState] = field(default_factory=dict)
+    handoffs: int = 0
+    tool_calls: int = 0
+    owners: dict[str, str] = field(default_factory=dict)  # task -> owning agent id
+    killed: bool = False
+    kill_actor: str = ""
+    kill_reason: str = ""
+    decided_risks: list[int] = field(default_factory=list)
+    seq: int = 0
+    last_hash: str = ""
+
+    @property
+    def active_agents(self) -> int:
+        return sum(1 for a in self.agents.values() if a.active)
+
+    @property
+    def usd(self) -> float:
+        """Budget in use: per agent, the larger of its estimate and what it reported spent."""
+        return sum(max(a.estimated_usd, a.spent_usd) for a in self.agents.values())
+
+    def summary(self) -> dict[str, Any]:
+        from agentgov.collector.risk import combine_session_risk
+
+        return {
+            "session_id": self.session_id,
+            "status": "killed" if self.killed else "active",
+            "killed_by": self.kill_actor or None,
+            "kill_reason": self.kill_reason or None,
+            "governed_agents": len(self.agents),
+            "active_agents": self.active_agents,
+            "governed_handoffs": self.handoffs,
+            "budget_usd": round(self.usd, 6),
+            "governed_tool_calls": self.tool_calls,
+            "decided_risk": combine_session_risk(self.decided_risks),
+            "decisions": self.seq,
+        }
+
+
+def apply(state: SessionState, record: Record, approvals: dict[str, Approval]) -> None:
+    """Change ``state`` (and ``approvals``) by what ``record`` says happened."""
+    state.seq = record.seq
+    state.last_hash = record.hash
+    d = record.detail
+    if record.phase == PRE_HANDOFF and record.effective:
+        perms = d.get("permissions")
+        state.agents[record.to_agent] = AgentState(
+            agent_id=record.to_agent,
+            parent=record.from_agent,
+            depth=record.depth,
+            role=str(d.get("role", "")),
+            task=record.task,
+            permissions=tuple(perms) if perms is not None else None,
+            estimated_usd=float(d.get("estimated_usd", 0.0)),
+        )
+        if record.from_agent:
+            state.handoffs += 1
+        if record.task and d.get("lock"):
+            state.owners[record.task] = record.to_agent
+    elif record.phase == TOOL and record.effective:
+        state.tool_calls += 1
+        state.decided_risks.append(int(d.get("risk", 0)))
+    elif record.phase == POST_HANDOFF:
+        agent = state.agents.get(record.to_agent)
+        usd = float(d.get("usd", 0.0))
+        if agent is not None:
+            agent.spent_usd += usd
+        elif usd:
+            # spend by an agent the governor never saw start still counts against the run
+            state.agents[record.to_agent] = AgentState(
+                record.to_agent, "", record.depth, "", "", None, 0.0, usd, True
+            )
+        state.tool_calls += int(d.get("tool_calls", 0))
+        if d.get("finished") and agent is not None:
+            agent.active = False
+            for task, owner in list(state.owners.items()):
+                if owner == record.to_agent:
+                    del state.owners[task]
+    elif record.phase == KILL:
+        state.killed = True
+        state.kill_actor = record.actor
+        state.kill_reason = record.reason
+        for approval in approvals.values():
+            if approval.session_id == state.session_id and approval.status == "pending":
+                approval.status = "cancelled"
+                approval.decided_at = record.time
+    elif record.phase == APPROVAL:
+        aid = str(d.get("approval_id", ""))
+        if record.outcome == "requested":
+            approvals[aid] = Approval(
+                approval_id=aid,
+                session_id=record.session_id,
+                kind=str(d.get("kind", "")),
+                requested_by=record.from_agent,
+                requester=str(d.get("requester", "")),
+                request=dict(d.get("request", {})),
+                created=record.time,
+                expires=float(d.get("expires", record.time)),
+            )
+        elif aid in approvals:
+            approval = approvals[aid]
+            approval.status = record.outcome
+            approval.approver = record.actor
+            approval.comment = str(d.get("comment", ""))
+            approval.decided_at = record.time
