@@ -219,3 +219,80 @@ def test_concurrent_duplicates_share_one_write(
     finally:
         writer.close()
     assert _session_rows(store_client, session_id) == (30, 30)
+
+
+def test_crash_inside_the_view_chain_is_repaired_at_start(
+    store_client,
+    writer_store: StoreConfig,  # type: ignore[no-untyped-def]
+) -> None:
+    """Spans that reached otel_traces while the views behind it never ran (a crash between
+    two views) get their typed rows and aggregates at the next start, exactly once."""
+    session_id = f"sess-chain-{uuid.uuid4().hex[:8]}"
+    payload = make_request(session_id, 25)
+    request = ExportTraceServiceRequest.FromString(payload)
+    trace_id = request.resource_spans[0].scope_spans[0].spans[0].trace_id.hex()
+    staging = f"staging_{uuid.uuid4().hex[:8]}"
+    # rows converted exactly as the ingest view converts them, into a staging table
+    store_client.command(f"CREATE TABLE {staging}_in AS {schema.INGEST}")
+    store_client.command(f"CREATE TABLE {staging} AS {schema.TRACES}")
+    store_client.command(
+        schema.INGEST_MV.replace(
+            f"{schema.INGEST}_mv TO {schema.TRACES}", f"{staging}_mv TO {staging}"
+        ).replace(f"FROM {schema.INGEST}\n", f"FROM {staging}_in\n")
+    )
+    try:
+        store_client.raw_insert(
+            f"{staging}_in",
+            insert_block=_varint(len(payload)) + payload,
+            fmt="Protobuf",
+            settings={**schema.INGEST_SETTINGS, "format_schema": schema.ingest_proto()},
+        )
+        partition = store_client.query(
+            "SELECT DISTINCT partition_id FROM system.parts WHERE table = {t:String} AND active",
+            parameters={"t": staging},
+        ).result_rows[0][0]
+        # attaching a part runs no view: otel_traces has the spans, the derived tables do not
+        store_client.command(
+            f"ALTER TABLE {schema.TRACES} ATTACH PARTITION ID '{partition}' FROM {staging}"
+        )
+    finally:
+        store_client.command(f"DROP VIEW IF EXISTS {staging}_mv")
+        store_client.command(f"DROP TABLE IF EXISTS {staging}")
+        store_client.command(f"DROP TABLE IF EXISTS {staging}_in")
+    store_client.insert(
+        schema.RECEIPTS,
+        [[request_digest(payload), PENDING, [trace_id]]],
+        column_names=["Digest", "State", "TraceIds"],
+    )
+
+    def derived() -> tuple[int, int, int]:
+        p = {"s": session_id}
+        spans = store_client.query(
+            "SELECT count() FROM agentgov_spans WHERE SessionId = {s:String}", parameters=p
+        ).result_rows[0][0]
+        agg = store_client.query(
+            "SELECT sum(Spans), sum(ToolCalls) FROM agentgov_sessions WHERE SessionId = {s:String}",
+            parameters=p,
+        ).result_rows[0]
+        return int(spans), int(agg[0] or 0), int(agg[1] or 0)
+
+    assert _session_rows(store_client, session_id) == (25, 25)
+    assert derived() == (0, 0, 0)
+    writer = SpanWriter(writer_store, threads=1).start()  # the restart: repairs first
+    try:
+        assert derived() == (25, 25, 25)
+        assert writer.submit(payload, 25).result(30) == 0  # the client's retry adds nothing
+    finally:
+        writer.close()
+    assert _session_rows(store_client, session_id) == (25, 25)
+    assert derived() == (25, 25, 25)
+    agents = store_client.query(
+        "SELECT AgentId, sum(ToolCalls) FROM agentgov_agents WHERE SessionId = {s:String} "
+        "GROUP BY AgentId",
+        parameters={"s": session_id},
+    ).result_rows
+    assert agents == [("worker-1", 25)]
+    # a second restart finds the receipt repaired and changes nothing
+    again = SpanWriter(writer_store, threads=1).start()
+    again.close()
+    assert derived() == (25, 25, 25)

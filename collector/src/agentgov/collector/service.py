@@ -161,7 +161,7 @@ class Collector:
         store = self.config.store_config
         setup_client = prepare(store, self.rules)
         setup_client.close()
-        self.writer = SpanWriter(store).start()
+        self.writer = SpanWriter(store, self.rules).start()
         self.analytics = Analytics(open_client(store))
         self.audit_writer = audit.AuditWriter(store).start()
         self.governor = Governor(self.policy, self.rules, sink=self.audit_writer)

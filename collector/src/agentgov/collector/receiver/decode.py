@@ -47,6 +47,8 @@ class Limits:
 class DecodedRequest:
     payload: bytes  # a serialized ExportTraceServiceRequest
     spans: int
+    #: hex trace ids of the request's spans (to repair derived tables after a crash)
+    trace_ids: tuple[str, ...] = ()
 
 
 def decompress(body: bytes, encoding: str, limits: Limits) -> bytes:
@@ -153,9 +155,10 @@ def parse_json(data: bytes) -> ExportTraceServiceRequest:
         raise OtlpError(f"body is not a valid OTLP/JSON ExportTraceServiceRequest: {exc}") from exc
 
 
-def validate(request: ExportTraceServiceRequest, limits: Limits) -> int:
-    """Check ids and sizes; return the number of spans."""
+def validate(request: ExportTraceServiceRequest, limits: Limits) -> tuple[int, tuple[str, ...]]:
+    """Check ids and sizes; return the number of spans and their distinct trace ids."""
     count = 0
+    traces: set[bytes] = set()
     max_attrs = limits.max_attributes
     for i, rs in enumerate(request.resource_spans):
         if len(rs.resource.attributes) > max_attrs:
@@ -166,6 +169,7 @@ def validate(request: ExportTraceServiceRequest, limits: Limits) -> int:
         for ss in rs.scope_spans:
             for span in ss.spans:
                 count += 1
+                traces.add(span.trace_id)
                 if len(span.trace_id) != 16 or len(span.span_id) != 8:
                     raise OtlpError(
                         f"span {span.name!r} has an invalid id: trace_id must be 16 bytes and "
@@ -202,7 +206,7 @@ def validate(request: ExportTraceServiceRequest, limits: Limits) -> int:
         raise PayloadTooLarge(
             f"request has {count} spans; the limit is {limits.max_spans_per_request} per request"
         )
-    return count
+    return count, tuple(t.hex() for t in traces)
 
 
 def decode_http(
@@ -222,10 +226,10 @@ def decode_http(
             f"Content-Type {content_type or '(none)'!r} is not OTLP: "
             "use application/x-protobuf or application/json"
         )
-    return DecodedRequest(payload, validate(request, limits))
+    return DecodedRequest(payload, *validate(request, limits))
 
 
 def decode_grpc(data: bytes, limits: Limits) -> DecodedRequest:
     """Decode the raw bytes of a gRPC Export call."""
     request = parse_protobuf(data)
-    return DecodedRequest(data, validate(request, limits))
+    return DecodedRequest(data, *validate(request, limits))

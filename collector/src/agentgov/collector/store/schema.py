@@ -259,6 +259,15 @@ ORDER BY (SessionId, Timestamp, SpanId)
 
 
 def agent_spans_mv(rules: RiskRules) -> str:
+    """DDL of the view that types agent spans (see :func:`agent_spans_select`)."""
+    return (
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {SPANS}_mv TO {SPANS} AS\n"
+        f"{agent_spans_select(rules)}\n"
+        f"COMMENT {format_query_value('risk rules ' + rules.digest)}"
+    )
+
+
+def agent_spans_select(rules: RiskRules, where: str = "") -> str:
     """The view that types agent spans and scores their commands with ``rules``.
 
     Foreign conventions map onto the same columns: OpenInference and OpenLLMetry span
@@ -268,7 +277,6 @@ def agent_spans_mv(rules: RiskRules) -> str:
     a = "SpanAttributes"
     json_arr = "JSONExtract({}, 'Array(String)')"
     return f"""
-CREATE MATERIALIZED VIEW IF NOT EXISTS {SPANS}_mv TO {SPANS} AS
 WITH
     coalesce(nullIf({a}['agentgov.session.id'], ''), nullIf({a}['session.id'], ''),
              nullIf({a}['gen_ai.conversation.id'], ''),
@@ -313,8 +321,7 @@ SELECT
     toUInt32(countEqual(`Events.Name`, 'agentgov.message')) AS Messages,
     Duration, StatusCode, StatusMessage
 FROM {TRACES}
-WHERE sid != ''
-COMMENT {format_query_value("risk rules " + rules.digest)}
+WHERE sid != '' {where}
 """
 
 
@@ -343,8 +350,7 @@ CREATE TABLE IF NOT EXISTS {SESSIONS} (
 ORDER BY SessionId
 """
 
-SESSIONS_MV = f"""
-CREATE MATERIALIZED VIEW IF NOT EXISTS {SESSIONS}_mv TO {SESSIONS} AS
+SESSIONS_SELECT = f"""
 SELECT
     SessionId,
     min(Timestamp) AS FirstSeen,
@@ -364,8 +370,14 @@ SELECT
     countIf(StatusCode = 'Error') AS Errors,
     toUInt8(max(Operation = 'invoke_agent' AND Depth = 0 AND ParentAgentId = '')) AS RootEnded
 FROM {SPANS}
+{{where}}
 GROUP BY SessionId
 """
+
+SESSIONS_MV = (
+    f"CREATE MATERIALIZED VIEW IF NOT EXISTS {SESSIONS}_mv TO {SESSIONS} AS\n"
+    + SESSIONS_SELECT.format(where="")
+)
 
 AGENTS_TABLE = f"""
 CREATE TABLE IF NOT EXISTS {AGENTS} (
@@ -387,8 +399,7 @@ CREATE TABLE IF NOT EXISTS {AGENTS} (
 ORDER BY (SessionId, AgentId)
 """
 
-AGENTS_MV = f"""
-CREATE MATERIALIZED VIEW IF NOT EXISTS {AGENTS}_mv TO {AGENTS} AS
+AGENTS_SELECT = f"""
 SELECT
     SessionId, AgentId,
     max(toString(AgentName)) AS Name,
@@ -403,9 +414,14 @@ SELECT
     min(Timestamp) AS FirstSeen,
     max(Timestamp + toIntervalNanosecond(Duration)) AS LastSeen
 FROM {SPANS}
-WHERE AgentId != ''
+WHERE AgentId != '' {{where}}
 GROUP BY SessionId, AgentId
 """
+
+AGENTS_MV = (
+    f"CREATE MATERIALIZED VIEW IF NOT EXISTS {AGENTS}_mv TO {AGENTS} AS\n"
+    + AGENTS_SELECT.format(where="")
+)
 
 # Delegation edges are the agents that have a parent: a plain view over agentgov_agents
 # rather than a table of their own, since each table a view writes costs every insert a
@@ -422,7 +438,10 @@ HAVING ParentAgentId != ''
 RECEIPTS_TABLE = f"""
 CREATE TABLE IF NOT EXISTS {RECEIPTS} (
     Digest String,
-    State UInt8,  -- 1 = pending (insert under way), 2 = committed (durable, acknowledged)
+    -- 1 = pending (insert under way), 2 = committed (durable, acknowledged),
+    -- 3 = repaired (was pending at a crash; derived tables reconciled)
+    State UInt8,
+    TraceIds Array(String),  -- on pending receipts: what to reconcile after a crash
     At DateTime DEFAULT now()
 ) ENGINE = ReplacingMergeTree(State)
 ORDER BY Digest

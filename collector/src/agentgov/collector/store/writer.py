@@ -30,12 +30,14 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from agentgov.collector.risk import RiskRules
 from agentgov.collector.store import schema
 from agentgov.collector.store.connection import StoreConfig, open_client
+from agentgov.collector.store.reconcile import reconcile
 
 log = logging.getLogger(__name__)
 
-PENDING, COMMITTED = 1, 2
+PENDING, COMMITTED, REPAIRED = 1, 2, 3
 
 
 class WriterOverloaded(RuntimeError):
@@ -111,6 +113,7 @@ class _Item:
     digest: str
     payload: bytes
     spans: int
+    trace_ids: tuple[str, ...] = ()
     future: Future[int] = field(default_factory=Future)
     size: int = 0
 
@@ -141,6 +144,7 @@ class SpanWriter:
     def __init__(
         self,
         config: StoreConfig,
+        rules: RiskRules | None = None,
         threads: int = 2,
         max_batch_bytes: int = 16 << 20,
         linger_s: float = 0.02,
@@ -150,6 +154,7 @@ class SpanWriter:
         receipt_window_s: int = 6 * 3600,
     ) -> None:
         self._config = config
+        self._rules = rules or RiskRules.default()
         self._max_batch_bytes = max_batch_bytes
         self._linger_s = linger_s
         self._min_batch_spans = min_batch_spans
@@ -200,20 +205,29 @@ class SpanWriter:
 
     def _load_receipts(self, client: Client) -> None:
         rows = client.query(
-            f"SELECT Digest, max(State) FROM {schema.RECEIPTS} "
+            f"SELECT Digest, max(State), groupArrayArray(TraceIds) FROM {schema.RECEIPTS} "
             "WHERE At > now() - toIntervalSecond({w:UInt32}) GROUP BY Digest",
             parameters={"w": self._receipt_window_s},
         ).result_rows
-        for digest, state in rows:
-            if state >= COMMITTED:
+        interrupted: list[tuple[str, list[str]]] = []
+        for digest, state, trace_ids in rows:
+            if state == COMMITTED:
                 self._remember(digest)
-            else:
-                self._in_doubt.add(digest)
-        if self._in_doubt:
+                continue
+            self._in_doubt.add(digest)
+            if state == PENDING:
+                interrupted.append((digest, list(trace_ids)))
+        if interrupted:
             log.warning(
-                "%d OTLP requests were being written when the collector stopped; "
-                "their retries will be checked span by span",
-                len(self._in_doubt),
+                "%d OTLP requests were being written when the collector stopped: repairing "
+                "the governance tables; their retries will be checked span by span",
+                len(interrupted),
+            )
+            reconcile(client, self._rules, [t for _, ids in interrupted for t in ids])
+            client.insert(
+                schema.RECEIPTS,
+                [[d, REPAIRED, []] for d, _ in interrupted],
+                column_names=["Digest", "State", "TraceIds"],
             )
 
     def _remember(self, digest: str) -> None:
@@ -223,7 +237,7 @@ class SpanWriter:
 
     # -- submission ----------------------------------------------------------------------
 
-    def submit(self, payload: bytes, spans: int) -> Future[int]:
+    def submit(self, payload: bytes, spans: int, trace_ids: tuple[str, ...] = ()) -> Future[int]:
         """Queue one validated request; the future gives the spans written (0: duplicate)."""
         digest = request_digest(payload)
         with self._lock:
@@ -242,7 +256,7 @@ class SpanWriter:
                 raise WriterOverloaded(
                     "the write queue is full; retry with backoff (OTLP exporters do this)"
                 )
-            item = _Item(digest, payload, spans)
+            item = _Item(digest, payload, spans, trace_ids)
             self._inflight[digest] = item
             self._queued_bytes += len(payload)
         self._queue.put(item)
@@ -329,7 +343,7 @@ class SpanWriter:
             if fixed != item.payload:
                 item.payload = fixed
                 try:
-                    self._drop_stored_spans(client, item)
+                    self._repair(client, item)
                     self._insert(client, [item])
                     return None
                 except Exception as exc:
@@ -347,15 +361,17 @@ class SpanWriter:
                 self.stats.insert_seconds += elapsed
 
     def _insert_timed(self, client: Client, batch: list[_Item]) -> None:
-        digests = [[i.digest, PENDING] for i in batch]
-        client.insert(schema.RECEIPTS, digests, column_names=["Digest", "State"])
+        pending = [[i.digest, PENDING, list(i.trace_ids)] for i in batch]
+        client.insert(schema.RECEIPTS, pending, column_names=["Digest", "State", "TraceIds"])
         block = b"".join(_varint(len(i.payload)) + i.payload for i in batch if i.payload)
         if block:
             client.raw_insert(
                 schema.INGEST, insert_block=block, fmt="Protobuf", settings=self._settings
             )
         client.insert(
-            schema.RECEIPTS, [[d, COMMITTED] for d, _ in digests], column_names=["Digest", "State"]
+            schema.RECEIPTS,
+            [[i.digest, COMMITTED, []] for i in batch],
+            column_names=["Digest", "State", "TraceIds"],
         )
 
     def _finish(self, batch: list[_Item], exc: BaseException | None) -> None:
@@ -386,6 +402,11 @@ class SpanWriter:
                     callback(written)
                 except Exception:
                     log.exception("commit listener failed")
+
+    def _repair(self, client: Client, item: _Item) -> None:
+        """After a failed insert: fix derived tables, then keep only spans not yet stored."""
+        reconcile(client, self._rules, item.trace_ids)
+        self._drop_stored_spans(client, item)
 
     def _drop_stored_spans(self, client: Client, item: _Item) -> None:
         """Remove from ``item`` the spans a crashed earlier attempt already stored."""
