@@ -44,7 +44,16 @@ class CollectorProcess:
     def dsn(self) -> str:
         return f"chdb://{self.data_dir}"
 
-    def start(self, extra_args: tuple[str, ...] = (), timeout: float = 60.0) -> CollectorProcess:
+    def start(
+        self,
+        extra_args: tuple[str, ...] = (),
+        timeout: float = 60.0,
+        env: dict[str, str] | None = None,
+    ) -> CollectorProcess:
+        """Start (or restart, on the same data and ports) ``agentgov collector``.
+
+        ``env`` adds environment variables, e.g. ``AGENTGOV_API_KEYS``.
+        """
         self.log_path = self.data_dir.parent / f"collector-{self.http_port}.log"
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(

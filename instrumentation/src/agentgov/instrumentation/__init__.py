@@ -13,6 +13,13 @@ Light by design: it needs only the OpenTelemetry API, SDK and OTLP exporter.
 
 from agentgov.instrumentation import conventions
 from agentgov.instrumentation.context import bind
+from agentgov.instrumentation.governor import (
+    Decision,
+    GovernorClient,
+    GovernorUnavailable,
+    SessionKilled,
+    Stopped,
+)
 from agentgov.instrumentation.lineage import InvalidIdError, Lineage, current_lineage
 from agentgov.instrumentation.propagation import extract, inject, inject_env
 from agentgov.instrumentation.setup import configure
@@ -27,6 +34,11 @@ from agentgov.instrumentation.spans import (
 
 __all__ = [
     "AgentSpan",
+    "Decision",
+    "GovernorClient",
+    "GovernorUnavailable",
+    "SessionKilled",
+    "Stopped",
     "Governance",
     "Handoff",
     "InvalidIdError",

@@ -9,7 +9,7 @@ session id, the delegation chain and the intent, so any span alone answers "who 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -18,6 +18,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
 
 from agentgov.instrumentation import conventions as cv
+from agentgov.instrumentation.governor import Decision, GovernorClient, Stopped
 from agentgov.instrumentation.lineage import (
     Lineage,
     check_id,
@@ -34,6 +35,9 @@ INSTRUMENTATION_VERSION = "0.1.0"
 
 class NoSessionError(RuntimeError):
     """An agent was started outside any session."""
+
+
+StopHook = Callable[["AgentSpan", Stopped], None]
 
 
 def _check_permissions(permissions: Sequence[str] | None) -> tuple[str, ...] | None:
@@ -86,8 +90,26 @@ class SessionScope(_Scope):
         return self.lineage.intent
 
     def agent(self, name: str, **kwargs: Any) -> AgentSpan:
-        """Open the root agent of this session (depth 0)."""
-        return self._gov._agent(name, parent=self.lineage, parent_ctx=None, **kwargs)
+        """Open the root agent of this session (depth 0); with a governor, its start is
+        decided like a delegation from the human who opened the session."""
+        estimated_usd = float(kwargs.pop("estimated_usd", 0.0))
+        root = self._gov._agent(name, parent=self.lineage, parent_ctx=None, **kwargs)
+        governor = self._gov.governor
+        if governor is not None:
+            governor.watch(self.session_id)
+            governor.handoff(
+                self.session_id,
+                "",
+                root.agent_id,
+                task=root.task,
+                permissions=list(root.lineage.permissions)
+                if root.lineage.permissions is not None
+                else None,
+                estimated_usd=estimated_usd,
+                to_role=root.lineage.role,
+                depth=0,
+            )
+        return root
 
     def __enter__(self) -> SessionScope:
         self._attach(with_lineage(self.lineage))
@@ -125,6 +147,9 @@ class AgentSpan(_Scope):
         self._input_tokens = 0
         self._output_tokens = 0
         self._usd = 0.0
+        #: set once the governor stopped one of this agent's delegations: an orchestrator
+        #: checks it to fall back to a constrained single-agent mode
+        self.constrained = False
 
     @property
     def agent_id(self) -> str:
@@ -150,7 +175,14 @@ class AgentSpan(_Scope):
         return self._ctx
 
     def start(self) -> AgentSpan:
-        """Start the span without attaching it (for use across threads)."""
+        """Start the span without attaching it (for use across threads).
+
+        With a governor, an agent of a killed session is refused here, before it runs.
+        """
+        governor = self._gov.governor
+        if governor is not None:
+            governor.watch(self.lineage.session_id)
+            governor.check(self.lineage.session_id)
         lin = self.lineage
         attrs: dict[str, Any] = {
             cv.OPERATION_NAME: cv.OP_INVOKE_AGENT,
@@ -180,7 +212,17 @@ class AgentSpan(_Scope):
         return self
 
     def end(self, exc: BaseException | None = None) -> None:
-        """End the span (records usage and, if given, the exception)."""
+        """End the span (records usage and, if given, the exception).
+
+        With a governor, the agent reports that it finished, which frees its concurrency
+        slot and the tasks it owned.
+        """
+        governor = self._gov.governor
+        if governor is not None and self.span is not None:
+            try:
+                governor.usage(self.session_id, self.agent_id, finished=True)
+            except Stopped:
+                pass  # finishing is never refused; the governor logged what it needed
         span = self.span
         if span is not None and (self._input_tokens or self._output_tokens or self._usd):
             span.set_attributes(
@@ -204,6 +246,65 @@ class AgentSpan(_Scope):
         self._detach()
         self.end(exc)
 
+    # -- governance ---------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """A governed step with no request: raises :class:`SessionKilled` once the session
+        was stopped. Long-running agents call it between units of work."""
+        if self._gov.governor is not None:
+            self._gov.governor.check(self.session_id)
+
+    def _record_decision(self, phase: str, decision: Decision) -> None:
+        if self.span is not None:
+            attrs: dict[str, Any] = {
+                "agentgov.decision.phase": phase,
+                "agentgov.decision.outcome": decision.outcome,
+            }
+            if decision.reason:
+                attrs["agentgov.decision.reason"] = decision.reason
+            self.span.add_event("agentgov.decision", attrs)
+
+    def _stopped(self, stop: Stopped) -> None:
+        self.constrained = True
+        if self.span is not None:
+            self.span.add_event(
+                "agentgov.decision",
+                {
+                    "agentgov.decision.phase": stop.phase,
+                    "agentgov.decision.outcome": "stop",
+                    "agentgov.decision.reason": stop.reason,
+                },
+            )
+        if self._gov.on_stop is not None:
+            self._gov.on_stop(self, stop)
+
+    def _ask_handoff(
+        self,
+        to_agent: str,
+        task: str,
+        role: str,
+        permissions: tuple[str, ...] | None,
+        estimated_usd: float,
+    ) -> None:
+        governor = self._gov.governor
+        if governor is None:
+            return
+        try:
+            decision = governor.handoff(
+                self.session_id,
+                self.agent_id,
+                to_agent,
+                task=task,
+                permissions=list(permissions) if permissions is not None else None,
+                estimated_usd=estimated_usd,
+                to_role=role,
+                depth=self.depth + 1,
+            )
+        except Stopped as stop:
+            self._stopped(stop)
+            raise
+        self._record_decision("pre_handoff", decision)
+
     # -- what an agent does -------------------------------------------------------------
 
     def tool(
@@ -223,9 +324,14 @@ class AgentSpan(_Scope):
         role: str = "",
         permissions: Sequence[str] | None = None,
         agent_id: str | None = None,
+        estimated_usd: float = 0.0,
     ) -> AgentSpan:
-        """Start a sub-agent in this process (any thread): its parent is this agent."""
-        return self._gov._agent(
+        """Start a sub-agent in this process (any thread): its parent is this agent.
+
+        With a governor the delegation is decided first; a stop raises :class:`Stopped`
+        (after the ``on_stop`` hook ran and :attr:`constrained` was set).
+        """
+        child = self._gov._agent(
             name,
             parent=self.lineage,
             parent_ctx=self.context,
@@ -234,6 +340,10 @@ class AgentSpan(_Scope):
             permissions=permissions,
             agent_id=agent_id,
         )
+        self._ask_handoff(
+            child.agent_id, task, role, _check_permissions(permissions), estimated_usd
+        )
+        return child
 
     def handoff(
         self,
@@ -242,6 +352,7 @@ class AgentSpan(_Scope):
         role: str = "",
         permissions: Sequence[str] | None = None,
         agent_id: str | None = None,
+        estimated_usd: float = 0.0,
     ) -> Handoff:
         """Prepare a delegation to an agent in another process.
 
@@ -251,6 +362,7 @@ class AgentSpan(_Scope):
         """
         target = check_id(agent_id, "agent id") if agent_id else new_id(to)
         perms = _check_permissions(permissions)
+        self._ask_handoff(target, task, role, perms, estimated_usd)
         lin = Lineage(
             session_id=self.lineage.session_id,
             intent=self.lineage.intent,
@@ -277,10 +389,21 @@ class AgentSpan(_Scope):
             )
 
     def usage(self, input_tokens: int = 0, output_tokens: int = 0, usd: float = 0.0) -> None:
-        """Add model usage and spend to this agent (set on its span when it ends)."""
+        """Add model usage and spend to this agent (set on its span when it ends).
+
+        With a governor the spend is reported at once: past the shared budget this raises
+        :class:`Stopped` (``shared_budget_exceeded``).
+        """
         self._input_tokens += int(input_tokens)
         self._output_tokens += int(output_tokens)
         self._usd += float(usd)
+        governor = self._gov.governor
+        if governor is not None and usd:
+            try:
+                governor.usage(self.session_id, self.agent_id, usd=float(usd))
+            except Stopped as stop:
+                self._stopped(stop)
+                raise
 
 
 class ToolSpan(_Scope):
@@ -303,6 +426,22 @@ class ToolSpan(_Scope):
     def __enter__(self) -> ToolSpan:
         agent = self.agent
         lin = agent.lineage
+        governor = agent._gov.governor
+        if governor is not None:
+            try:
+                decision = governor.tool(
+                    lin.session_id,
+                    lin.agent_id,
+                    self.tool_name,
+                    self.command,
+                    list(self.resources),
+                )
+            except Stopped as stop:
+                agent._stopped(stop)
+                raise
+            agent._record_decision("tool", decision)
+            if decision.risk is not None and self.risk is None:
+                self.risk = decision.risk
         attrs: dict[str, Any] = {
             cv.OPERATION_NAME: cv.OP_EXECUTE_TOOL,
             cv.TOOL_NAME: self.tool_name,
@@ -364,10 +503,19 @@ class Governance:
     needs no arguments.
     """
 
-    def __init__(self, tracer_provider: TracerProvider | None = None) -> None:
+    def __init__(
+        self,
+        tracer_provider: TracerProvider | None = None,
+        governor: GovernorClient | None = None,
+        on_stop: StopHook | None = None,
+    ) -> None:
         self.tracer: Tracer = trace.get_tracer(
             INSTRUMENTATION_NAME, INSTRUMENTATION_VERSION, tracer_provider=tracer_provider
         )
+        #: asks the central governor before every delegation and tool call, when set
+        self.governor = governor
+        #: called with (agent, stop) whenever the governor stops one of an agent's steps
+        self.on_stop = on_stop
 
     def session(self, intent: str, session_id: str | None = None) -> SessionScope:
         """Open a root session for one human instruction.
