@@ -109,6 +109,7 @@ class RiskRules:
 
     def __init__(self, rules: Sequence[RiskRule]) -> None:
         self.rules = tuple(rules)
+        self._cache: dict[tuple[str, tuple[str, ...]], RiskAssessment] = {}
         self._compiled = [
             (
                 r,
@@ -162,7 +163,21 @@ class RiskRules:
         return hashlib.sha256(canon).hexdigest()[:16]
 
     def assess(self, command: str = "", resources: Sequence[str] = ()) -> RiskAssessment:
-        """Score one command in Python, exactly as the SQL expression does."""
+        """Score one command in Python, exactly as the SQL expression does.
+
+        Agents repeat their commands, so recent results are kept (the rules are immutable).
+        """
+        key = (command, tuple(resources))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        result = self._assess(command, resources)
+        if len(self._cache) >= 4096:
+            self._cache.clear()
+        self._cache[key] = result
+        return result
+
+    def _assess(self, command: str, resources: Sequence[str]) -> RiskAssessment:
         total = 0
         hits: list[str] = []
         command = normalize(command)

@@ -27,7 +27,7 @@ from agentgov.collector.analytics import Analytics
 from agentgov.collector.api import QueryApi
 from agentgov.collector.auth import KeyRing
 from agentgov.collector.governor import audit
-from agentgov.collector.governor.api import GovernorApi
+from agentgov.collector.governor.api import DecisionFastPath, GovernorApi
 from agentgov.collector.governor.engine import Governor
 from agentgov.collector.governor.events import ControlHub
 from agentgov.collector.governor.policy import PolicySource
@@ -130,7 +130,7 @@ class Collector:
                 }
             )
 
-        return Starlette(
+        app = Starlette(
             routes=[
                 Route("/v1/traces", receiver.handle, methods=["POST"]),
                 Route("/healthz", health, methods=["GET"]),
@@ -139,6 +139,7 @@ class Collector:
             ],
             lifespan=lifespan,
         )
+        return DecisionFastPath(app, gov_api)  # type: ignore[return-value]
 
     @staticmethod
     async def _housekeeping(governor: Governor, policy: PolicySource) -> None:

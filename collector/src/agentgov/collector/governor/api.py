@@ -162,34 +162,15 @@ class GovernorApi:
             return {"outcome": outcome, "reason": "governor_error"}
         return decision.as_json()
 
-    # -- decisions -------------------------------------------------------------------------
+    # -- decisions (served by DecisionFastPath) --------------------------------------------
 
-    async def handoff(self, request: Request) -> Response:
-        async def go(caller: Caller | None) -> dict[str, Any]:
-            body = await _body(request, HandoffBody)
-            return self._fail_safe(
-                self.governor.handoff, HandoffRequest(**body.model_dump()), _name(caller)
-            )
-
-        return await self._handle(request, "decide", go)
-
-    async def tool(self, request: Request) -> Response:
-        async def go(caller: Caller | None) -> dict[str, Any]:
-            body = await _body(request, ToolBody)
-            return self._fail_safe(
-                self.governor.tool, ToolRequest(**body.model_dump()), _name(caller)
-            )
-
-        return await self._handle(request, "decide", go)
-
-    async def usage(self, request: Request) -> Response:
-        async def go(caller: Caller | None) -> dict[str, Any]:
-            body = await _body(request, UsageBody)
-            return self._fail_safe(
-                self.governor.usage, UsageRequest(**body.model_dump()), _name(caller)
-            )
-
-        return await self._handle(request, "decide", go)
+    def decision_handlers(self) -> dict[str, tuple[type[_Body], Any, Any]]:
+        """path -> (body model, governor method, request type) for the hot endpoints."""
+        return {
+            "/api/v1/decisions/handoff": (HandoffBody, self.governor.handoff, HandoffRequest),
+            "/api/v1/decisions/tool": (ToolBody, self.governor.tool, ToolRequest),
+            "/api/v1/usage": (UsageBody, self.governor.usage, UsageRequest),
+        }
 
     # -- approvals -------------------------------------------------------------------------
 
@@ -305,9 +286,6 @@ class GovernorApi:
 
     def routes(self) -> list[Route]:
         return [
-            Route("/api/v1/decisions/handoff", self.handoff, methods=["POST"]),
-            Route("/api/v1/decisions/tool", self.tool, methods=["POST"]),
-            Route("/api/v1/usage", self.usage, methods=["POST"]),
             Route("/api/v1/approvals", self.approvals, methods=["GET"]),
             Route("/api/v1/approvals/{approval_id}", self.approval, methods=["GET"]),
             Route("/api/v1/approvals/{approval_id}/approve", self.approve, methods=["POST"]),
@@ -323,3 +301,71 @@ class GovernorApi:
 
 def _name(caller: Caller | None) -> str:
     return caller.name if caller else ""
+
+
+class DecisionFastPath:
+    """ASGI middleware answering the decision endpoints before any routing.
+
+    Decisions are the hot path (one per delegation and tool call of every agent): body
+    parsing and validation happen in one pydantic call, and no request or response objects
+    are built. Everything else goes on to the application.
+    """
+
+    def __init__(self, app: Any, api: GovernorApi) -> None:
+        self.app = app
+        self.api = api
+        self.handlers = api.decision_handlers()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            handler = self.handlers.get(scope["path"])
+            if handler is not None:
+                status, payload = await self._decide(scope, receive, handler)
+                body = json.dumps(payload, separators=(",", ":")).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": status,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+    async def _decide(
+        self, scope: dict[str, Any], receive: Any, handler: tuple[type[_Body], Any, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        model, method, request_type = handler
+        authorization = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+                break
+        try:
+            caller = self.api.keys.authorize(authorization, "decide")
+        except AuthError as exc:
+            return exc.status, {"error": str(exc)}
+        chunks = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > _MAX_BODY:
+                return 413, {"error": f"request body exceeds {_MAX_BODY} bytes"}
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        try:
+            body = model.model_validate_json(b"".join(chunks) or b"{}")
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(x) for x in e['loc']) or '(body)'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            return 400, {"error": f"invalid request: {problems}"}
+        return 200, self.api._fail_safe(method, request_type(**body.model_dump()), _name(caller))

@@ -45,11 +45,29 @@ class Record:
     hash: str = ""
 
     def canonical(self) -> bytes:
-        """The bytes the hash covers: every field but the hash itself, in a fixed form."""
-        body = asdict(self)
-        body.pop("hash")
-        body["time"] = round(self.time * 1_000_000)  # whole microseconds, as stored
-        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        """The bytes the hash covers: every field but the hash itself, in a fixed order
+        (time in whole microseconds, as stored)."""
+        return json.dumps(
+            [
+                self.session_id,
+                self.seq,
+                round(self.time * 1_000_000),
+                self.phase,
+                self.outcome,
+                self.reason,
+                self.owner,
+                self.from_agent,
+                self.to_agent,
+                self.task,
+                self.depth,
+                self.actor,
+                self.mode,
+                self.detail,
+                self.prev_hash,
+            ],
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode()
 
     def seal(self, prev_hash: str) -> Record:
         self.prev_hash = prev_hash
