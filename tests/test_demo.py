@@ -56,8 +56,10 @@ def test_demo_traces_the_rm_rf_back_to_the_human_instruction(tmp_path: Path) -> 
     assert re.search(
         r"└── orchestrator \(orchestrator-[0-9a-f]{12}\) \[orchestrator\]  depth 1", tree
     )
-    for worker in ("cleanup-data", "cleanup-db", "cleanup-images", "cleanup-logs"):
+    for worker in ("cleanup-data", "cleanup-images", "cleanup-logs"):
         assert re.search(rf"── {worker} \({worker}-[0-9a-f]{{12}}\) \[cleanup\]  depth 2", tree)
+    # the governor stopped the fourth handoff: no cleanup-db agent ever ran
+    assert "cleanup-db" not in tree
 
     # agents in at least two other OS processes
     pids = re.search(r"Agents ran in processes ([\d, ]+);", out)
@@ -65,8 +67,10 @@ def test_demo_traces_the_rm_rf_back_to_the_human_instruction(tmp_path: Path) -> 
     assert len(set(pids.group(1).split(", "))) == 3
 
     # session figures and risk
-    assert "6 agents, 13 spans, depth 2, 5 handoffs, 7 commands" in out
-    assert re.search(r"riskiest command 100 HIGH, session risk 100 HIGH", out)
+    assert "5 agents, 12 spans, depth 2, 4 handoffs, 7 commands" in out
+    assert "riskiest command 80 HIGH, session risk 90 HIGH" in out
+    # DROP TABLE never ran: the orchestrator only read the old tables itself
+    assert "DROP TABLE" not in out.split("Commands with their risk:")[1].split("Who asked")[0]
 
     # the causal chain of rm -rf, back to the instruction
     chain = out.split("Who asked for 'rm -rf /opt/app/data'? (nothing was deleted)")[1]
@@ -86,6 +90,15 @@ def test_demo_traces_the_rm_rf_back_to_the_human_instruction(tmp_path: Path) -> 
     )
     assert re.match(r"← delegated by planner \(planner-[0-9a-f]{12}\)$", lines[3])
     assert lines[4] == "← on the human instruction 'clean up old deployments'"
+
+    # the governor: a handoff over budget, the fallback, one kill for every process
+    governor = out.split("The governor decided every step:")[1]
+    assert re.search(r"8 pre_handoff\s+stop\s+handoff_budget_exceeded\s+orchestrator-", governor)
+    assert "fell back to single-agent mode" in governor
+    assert re.search(r"kill → cleanup-data stopped in process \d+ [\d.]+ ms later", governor)
+    assert "the orchestrator stopped at its next step: yes" in governor
+    assert "a new agent was refused at start: session_killed" in governor
+    assert re.search(r"session status killed; audit chain of \d+ decision records intact", governor)
 
     # nothing left running: no child of this test process is still alive
     assert _children_of(os.getpid()) == set()

@@ -81,3 +81,16 @@ def causal_chain(command: dict[str, Any], graph: dict[str, Any]) -> str:
         lines.append(f"  ← {verb} {n.get('name') or '?'} ({agent_id}){via}")
     lines.append(f"  ← on the human instruction {command['intent']!r}")
     return "\n".join(lines)
+
+
+def decisions_table(rows: list[dict[str, Any]]) -> str:
+    """The governor's decision records of a session, one line each."""
+    lines = [f"  {'#':>3} {'PHASE':<13} {'OUTCOME':<18} {'REASON':<25} {'FROM → TO':<50}"]
+    for r in rows:
+        route = (
+            f"{r['from_agent'] or 'human'} → {r['to_agent']}" if r["to_agent"] else r["from_agent"]
+        )
+        lines.append(
+            f"  {r['seq']:>3} {r['phase']:<13} {r['outcome']:<18} {r['reason'] or '':<25} {route:<50}"
+        )
+    return "\n".join(lines)

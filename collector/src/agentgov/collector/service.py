@@ -78,13 +78,15 @@ class CollectorConfig:
 class Collector:
     """Assembles and runs the collector. ``start()`` returns once it accepts requests."""
 
-    def __init__(self, config: CollectorConfig) -> None:
+    def __init__(self, config: CollectorConfig, keys: KeyRing | None = None) -> None:
+        """``keys`` (for embedding, e.g. the demo) replaces the keys from the environment."""
         self.config = config
         self.rules = RiskRules.load(config.risk_rules) if config.risk_rules else RiskRules.default()
         self.policy = PolicySource(config.policy)
-        keys = KeyRing.from_env()
-        if config.api_keys:
-            keys = KeyRing.from_file(config.api_keys).merged(keys)
+        if keys is None:
+            keys = KeyRing.from_env()
+            if config.api_keys:
+                keys = KeyRing.from_file(config.api_keys).merged(keys)
         self.keys = keys
         self.hub = ControlHub()
         self.governor: Governor | None = None

@@ -153,7 +153,7 @@ class Analytics:
             self.session(session_id)  # 404 if the session does not exist at all
         return df
 
-    def decisions(self, session_id: str) -> dict[str, Any]:
+    def decisions(self, session_id: str) -> pd.DataFrame:
         """The governor's audit records of a session, in order."""
         from agentgov.collector.governor import audit
 
@@ -168,7 +168,7 @@ class Analytics:
         )
         if df.empty:
             raise SessionNotFound(session_id)
-        return {"session_id": session_id, "decisions": df.to_dict(orient="records")}
+        return df
 
     def verify_decisions(self, session_id: str) -> dict[str, Any]:
         """Check the hash chain of a session's audit records."""

@@ -3,18 +3,35 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 import click
 
 from agentgov.collector import render
+from agentgov.collector.auth import KeyRing
 from agentgov.collector.client import CollectorClient
 from agentgov.collector.service import Collector, CollectorConfig
-from agentgov.instrumentation import Governance, configure
+from agentgov.instrumentation import Governance, GovernorClient, SessionKilled, Stopped, configure
 
 INTENT = "clean up old deployments"
+
+POLICY = """\
+multi_agent:
+  mode: enforce
+  max_handoffs: 4            # planner -> orchestrator, then three cleanup agents at most
+  max_delegation_depth: 3
+  shared_max_usd: 5
+  ownership_lock: true
+  permissions:               # least privilege for the cleanup role
+    cleanup: [fs.read:/opt/app, fs.write:/opt/app/logs, fs.write:/opt/app/data, docker.prune, db.read]
+"""
 
 # (tool, command, resources) per cleanup agent; nothing is executed.
 LOGS = [
@@ -26,25 +43,47 @@ DATA = [
     ("shell", "du -sh /opt/app/data", ["/opt/app/data"]),
     ("shell", "rm -rf /opt/app/data", ["/opt/app/data"]),
 ]
-DB = [("sql", "DROP TABLE deployments_2023", ["db:prod/deployments_2023"])]
+# what the orchestrator does itself once it may not delegate any more: read only
+DB_CONSTRAINED = [
+    (
+        "sql",
+        "SELECT name FROM system.tables WHERE name LIKE 'deployments_2023%'",
+        ["db:prod/deployments_2023"],
+    )
+]
 
 
-def _spawn(plan: dict, env: dict[str, str], endpoint: str) -> subprocess.Popen[bytes]:
-    import os
-
-    child_env = {**os.environ, **env, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
+def _spawn(
+    plan: dict[str, Any], env: dict[str, str], endpoint: str, key: str
+) -> subprocess.Popen[str]:
+    child_env = {
+        **os.environ,
+        **env,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "AGENTGOV_URL": endpoint,
+        "AGENTGOV_API_KEY": key,
+    }
     child_env.pop("OTEL_SERVICE_NAME", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "agentgov.collector.demo.worker", json.dumps(plan)], env=child_env
+        [sys.executable, "-m", "agentgov.collector.demo.worker", json.dumps(plan)],
+        env=child_env,
+        stdout=subprocess.PIPE,
+        text=True,
     )
 
 
-def run_agents(endpoint: str) -> tuple[str, list[int]]:
-    """The multi-agent run: planner → orchestrator → cleanup agents in two processes."""
+def run_agents(endpoint: str, agent_key: str, admin: CollectorClient) -> dict[str, Any]:
+    """The multi-agent run: planner -> orchestrator -> cleanup agents in two processes."""
     provider = configure(service_name="demo-planner", endpoint=endpoint)
-    gov = Governance(provider)
-    pids: list[int] = []
+    fallbacks: list[str] = []
+    gov = Governance(
+        provider,
+        governor=GovernorClient(endpoint, api_key=agent_key),
+        on_stop=lambda agent, stop: fallbacks.append(f"{agent.name}: {stop.reason}"),
+    )
+    out: dict[str, Any] = {"pids": [os.getpid()], "fallbacks": fallbacks}
     with gov.session(INTENT) as session:
+        out["session_id"] = session.session_id
         with session.agent("planner", role="planner") as planner:
             planner.usage(input_tokens=1200, output_tokens=300, usd=0.012)
             with planner.delegate(
@@ -73,91 +112,150 @@ def run_agents(endpoint: str) -> tuple[str, list[int]]:
                     "cleanup-data",
                     task="remove stale deployment data",
                     role="cleanup",
-                    permissions=["fs.read:/opt/app"],
+                    permissions=["fs.write:/opt/app/data"],
                 )
-                h_db = orch.handoff(
-                    "cleanup-db",
-                    task="archive old deployment tables",
-                    role="cleanup",
-                    permissions=["db.read"],
+                try:
+                    orch.handoff(
+                        "cleanup-db",
+                        task="drop old deployment tables",
+                        role="cleanup",
+                        permissions=["db.read"],
+                    )
+                except Stopped:
+                    # constrained single-agent mode: the orchestrator does the rest itself,
+                    # read-only, instead of handing a DROP TABLE to yet another agent
+                    for tool, command, resources in DB_CONSTRAINED:
+                        with orch.tool(tool, command=command, resources=resources):
+                            pass
+                logs_proc = _spawn(
+                    {
+                        "agents": [
+                            {"name": "cleanup-logs", "commands": LOGS},
+                            {
+                                "name": "cleanup-images",
+                                "commands": IMAGES,
+                                "carrier": h_images.env(),
+                            },
+                        ]
+                    },
+                    h_logs.env(),
+                    endpoint,
+                    agent_key,
                 )
-                procs = [
-                    _spawn(
-                        {
-                            "agents": [
-                                {"name": "cleanup-logs", "commands": LOGS},
-                                {
-                                    "name": "cleanup-images",
-                                    "commands": IMAGES,
-                                    "carrier": h_images.env(),
-                                },
-                            ]
-                        },
-                        h_logs.env(),
-                        endpoint,
-                    ),
-                    _spawn(
-                        {
-                            "agents": [
-                                {"name": "cleanup-data", "commands": DATA},
-                                {"name": "cleanup-db", "commands": DB, "carrier": h_db.env()},
-                            ]
-                        },
-                        h_data.env(),
-                        endpoint,
-                    ),
-                ]
-                pids = [p.pid for p in procs]
-                for p in procs:
-                    if p.wait(60) != 0:
-                        raise RuntimeError(f"cleanup worker {p.pid} failed with {p.returncode}")
-                orch.message(to=planner.agent_id, content="cleanup finished")
-        session_id = session.session_id
+                data_proc = _spawn(
+                    {
+                        "agents": [
+                            {"name": "cleanup-data", "commands": DATA, "linger": True},
+                        ]
+                    },
+                    h_data.env(),
+                    endpoint,
+                    agent_key,
+                )
+                out["pids"] += [logs_proc.pid, data_proc.pid]
+                if logs_proc.wait(60) != 0:
+                    raise RuntimeError(f"cleanup worker {logs_proc.pid} failed")
+                # an operator saw 'rm -rf' go by and stops the whole session with one action
+                assert data_proc.stdout is not None
+                json.loads(data_proc.stdout.readline())  # {"lingering": ...}
+                t0 = time.monotonic_ns()
+                admin.kill(session.session_id, reason="rm -rf on deployment data", actor="demo")
+                stopped = json.loads(data_proc.stdout.readline())
+                out["kill_ms"] = (stopped["at_ns"] - t0) / 1e6
+                out["killed_pid"] = data_proc.pid
+                data_proc.wait(30)
+                try:
+                    orch.checkpoint()
+                except SessionKilled:
+                    out["orchestrator_stopped"] = True
+        try:
+            with session.agent("late-cleanup"):
+                pass
+        except SessionKilled as refused:
+            out["late_refused"] = refused.reason
     provider.shutdown()
-    return session_id, pids
+    return out
 
 
 def main(store: str | None, http_port: int) -> None:
     started = time.monotonic()
-    collector = Collector(CollectorConfig(store=store, http_port=http_port, grpc_port=None)).start()
-    endpoint = f"http://127.0.0.1:{collector.http_port}"
-    api = CollectorClient(endpoint)
-    try:
-        click.secho(
-            f"agentgov demo — embedded collector on {endpoint}, store {collector.config.store_config.redacted()}",
-            bold=True,
+    agent_key, admin_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    keys = KeyRing([("demo-agents", "agent", agent_key), ("demo-admin", "admin", admin_key)])
+    with tempfile.TemporaryDirectory() as tmp:
+        policy = Path(tmp) / "policy.yaml"
+        policy.write_text(POLICY)
+        config = CollectorConfig(
+            store=store, http_port=http_port, grpc_port=None, policy=str(policy)
         )
-        click.echo(f'The user says: "{INTENT}"\n')
-        session_id, pids = run_agents(endpoint)
-        click.echo(
-            f"Agents ran in processes {', '.join(map(str, [__import__('os').getpid(), *pids]))}; session {session_id}\n"
-        )
+        collector = Collector(config, keys=keys).start()
+        endpoint = f"http://127.0.0.1:{collector.http_port}"
+        api = CollectorClient(endpoint, api_key=admin_key)
+        try:
+            _report(endpoint, agent_key, api, collector, started)
+        finally:
+            api.close()
+            collector.stop()
 
-        graph = api.graph(session_id)
-        summary = api.session(session_id)
-        audit = api.audit(session_id)
 
-        click.secho("Delegation tree (read back from ClickHouse):", bold=True)
-        click.echo(render.delegation_tree(graph) + "\n")
-        click.secho("Session:", bold=True)
-        click.echo(
-            f"  {summary['agents']} agents, {summary['spans']} spans, depth {summary['max_depth']}, "
-            f"{summary['handoffs']} handoffs, {summary['tool_calls']} commands, ${summary['usd']:.4f}\n"
-            f"  riskiest command {render.risk_label(int(summary['max_command_risk']))}, "
-            f"session risk {render.risk_label(int(summary['session_risk']))}\n"
-        )
-        click.secho("Commands with their risk:", bold=True)
-        click.echo(render.audit_table(audit) + "\n")
-        target = next(c for c in audit if c["command"] == "rm -rf /opt/app/data")
-        click.secho("Who asked for 'rm -rf /opt/app/data'? (nothing was deleted)", bold=True)
-        click.echo(render.causal_chain(target, graph) + "\n")
-        click.echo(f"Done in {time.monotonic() - started:.1f}s. Browse it again with:")
-        click.echo(
-            "  agentgov collector &   then   agentgov sessions / agentgov graph " + session_id
-        )
-    finally:
-        api.close()
-        collector.stop()
+def _report(
+    endpoint: str, agent_key: str, api: CollectorClient, collector: Collector, started: float
+) -> None:
+    click.secho(
+        f"agentgov demo — embedded collector on {endpoint}, "
+        f"store {collector.config.store_config.redacted()}",
+        bold=True,
+    )
+    click.echo(f'The user says: "{INTENT}"\n')
+    run = run_agents(endpoint, agent_key, api)
+    session_id = run["session_id"]
+    click.echo(
+        f"Agents ran in processes {', '.join(map(str, run['pids']))}; session {session_id}\n"
+    )
+
+    graph = api.graph(session_id)
+    summary = api.session(session_id)
+    audit = api.audit(session_id)
+    decisions = api.get(f"/api/v1/sessions/{session_id}/decisions")["decisions"]
+
+    click.secho("Delegation tree (read back from ClickHouse):", bold=True)
+    click.echo(render.delegation_tree(graph) + "\n")
+    click.secho("Session:", bold=True)
+    click.echo(
+        f"  {summary['agents']} agents, {summary['spans']} spans, depth {summary['max_depth']}, "
+        f"{summary['handoffs']} handoffs, {summary['tool_calls']} commands, "
+        f"${summary['usd']:.4f}\n"
+        f"  riskiest command {render.risk_label(int(summary['max_command_risk']))}, "
+        f"session risk {render.risk_label(int(summary['session_risk']))}\n"
+    )
+    click.secho("Commands with their risk:", bold=True)
+    click.echo(render.audit_table(audit) + "\n")
+    target = next(c for c in audit if c["command"] == "rm -rf /opt/app/data")
+    click.secho("Who asked for 'rm -rf /opt/app/data'? (nothing was deleted)", bold=True)
+    click.echo(render.causal_chain(target, graph) + "\n")
+
+    click.secho("The governor decided every step:", bold=True)
+    click.echo(render.decisions_table(decisions))
+    for line in run["fallbacks"]:
+        if "handoff_budget_exceeded" in line:
+            click.echo(
+                f"  → {line}: the orchestrator fell back to single-agent mode and only "
+                "read the old tables instead of handing off 'DROP TABLE'"
+            )
+    click.echo("")
+    click.secho("One action stopped the whole session:", bold=True)
+    click.echo(
+        f"  kill → cleanup-data stopped in process {run['killed_pid']} "
+        f"{run['kill_ms']:.1f} ms later; the orchestrator stopped at its next step: "
+        f"{'yes' if run.get('orchestrator_stopped') else 'no'}; "
+        f"a new agent was refused at start: {run.get('late_refused', 'no')}"
+    )
+    verify = api.verify(session_id)
+    click.echo(
+        f"  session status {summary['status']}; audit chain of {verify['records']} "
+        f"decision records {'intact' if verify['ok'] else 'BROKEN'}\n"
+    )
+    click.echo(f"Done in {time.monotonic() - started:.1f}s. Browse it again with:")
+    click.echo(f"  agentgov collector &   then   agentgov graph {session_id}")
 
 
 if __name__ == "__main__":

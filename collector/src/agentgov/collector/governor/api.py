@@ -12,7 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from agentgov.collector.analytics import Analytics
+from agentgov.collector.analytics import Analytics, SessionNotFound
+from agentgov.collector.api import records
 from agentgov.collector.auth import AuthError, Caller, KeyRing
 from agentgov.collector.governor import audit
 from agentgov.collector.governor.engine import (
@@ -149,6 +150,8 @@ class GovernorApi:
             return _error(403, str(exc))
         except GovernorError as exc:
             return _error(404 if "unknown" in str(exc) else 409, str(exc))
+        except SessionNotFound as exc:
+            return _error(404, f"no decisions recorded for session {exc.args[0]!r}")
         if isinstance(result, Response):
             return result
         return JSONResponse(result)
@@ -248,7 +251,11 @@ class GovernorApi:
             sid = _id(request.path_params["session_id"])
             if self.audit_writer is not None:
                 await run_in_threadpool(self.audit_writer.flush, 5.0)
-            return await run_in_threadpool(self.analytics.decisions, sid)
+            df = await run_in_threadpool(self.analytics.decisions, sid)
+            rows = records(df)
+            for row in rows:
+                row["detail"] = json.loads(row["detail"]) if row["detail"] else {}
+            return {"session_id": sid, "decisions": rows}
 
         return await self._handle(request, "read", go)
 
