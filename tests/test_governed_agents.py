@@ -11,9 +11,12 @@ processes on loopback. Covered:
 3. approvals decided by a reviewer from another thread: approved, denied, expired, and a
    kill while the agent waits;
 4. shared spend and tool-call budgets and the concurrency limit;
-5. failing closed (or open) when the governor cannot be reached;
+5. failing closed (or open) when the governor cannot be reached, or refuses the key;
 6. the five questions, with spans exported to the collector and read back from the API
    and, once the collector stopped, from the store.
+
+Fail-open never covers a governor that refuses the request, and agents opened with
+``Governance.agent`` are decided like any delegation.
 
 Tests 1-4 share one collector with API keys on (agent, reviewer and admin keys); each test
 writes the multi-agent policy it needs and reloads it. Test 6 has its own collector with
@@ -26,6 +29,7 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import threading
@@ -175,10 +179,12 @@ class Governed:
 
     def set_policy(self, **multi_agent: Any) -> None:
         """Write the policy, reload it, and check the governor now applies exactly it."""
-        self.policy_path.write_text(json.dumps({"multi_agent": multi_agent}))
+        staged = self.policy_path.with_suffix(".staged")
+        staged.write_text(json.dumps({"multi_agent": multi_agent}))
         # a fresh, strictly later mtime, so the change is seen whatever the file size
         self._stamp += 1_000_000_000
-        os.utime(self.policy_path, ns=(self._stamp, self._stamp))
+        os.utime(staged, ns=(self._stamp, self._stamp))
+        os.replace(staged, self.policy_path)  # never read half-written
         r = self.api.post("/api/v1/policy/reload", ADMIN_KEY, {})
         assert r.status_code == 200, r.text
         expected = MultiAgentPolicy.model_validate(multi_agent).model_dump()
@@ -211,6 +217,30 @@ class Processes:
                 proc.kill()
                 proc.wait(10)
             log.close()
+
+
+def stop_collector(c: CollectorProcess) -> None:
+    """Stop a collector whose control-event streams this process still holds open.
+
+    The SDK keeps one event stream per watched session and has no way to close it, so
+    the first SIGTERM would wait out the 10 s graceful shutdown; a second one, sent once
+    the listening socket closed, stops the wait (writes are still drained).
+    """
+    proc = c.proc
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+
+        def listener_closed() -> bool:
+            try:
+                httpx.get(f"{c.url}/healthz", timeout=0.5)
+            except httpx.TransportError:
+                return True
+            return proc.poll() is not None
+
+        wait_for(listener_closed, timeout=15)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    c.stop()
 
 
 def worker_env(url: str, carrier: dict[str, str], key: str | None, **extra: str) -> dict[str, str]:
@@ -294,7 +324,7 @@ def governed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Governed]:
     c = CollectorProcess(base / "data", free_port(), free_port())
     c.start(extra_args=("--policy", str(policy)), env={"AGENTGOV_API_KEYS": API_KEYS})
     yield Governed(c, Api(c.url, REVIEWER_KEY), policy)
-    c.stop()
+    stop_collector(c)
 
 
 @pytest.fixture
@@ -358,6 +388,7 @@ def test_one_kill_stops_agents_in_three_processes(governed: Governed, procs: Pro
                     "cancelled_approvals": [],
                     "status": "killed",
                 }
+                at_kill = api.governor(sid)
                 for i, w in enumerate(workers):
                     assert w.wait(timeout=15) == 0, procs.log(f"shard-{i}")
                 for m in markers:
@@ -404,12 +435,17 @@ def test_one_kill_stops_agents_in_three_processes(governed: Governed, procs: Pro
     assert summary["governor"]["killed_by"] == "admin-1"
     assert summary["governor"]["kill_reason"] == "credentials leaked"
     records = api.decisions(sid)
-    kills = [(d["phase"], d["actor"], d["reason"]) for d in records if d["phase"] == "kill"]
-    assert kills == [("kill", "admin-1", "credentials leaked")]
-    # after the kill nothing was allowed, in any process
+    kills = [(d["actor"], d["reason"], d["detail"]) for d in records if d["phase"] == "kill"]
+    assert kills == [
+        ("admin-1", "credentials leaked", {"cancelled_approvals": [], "repeated": False})
+    ]
+    # after the kill nothing more was allowed, in any process
     kill_seq = next(d["seq"] for d in records if d["phase"] == "kill")
-    after = {(d["phase"], d["outcome"]) for d in records if d["seq"] > kill_seq}
-    assert ("tool", "allow") not in after and ("pre_handoff", "allow") not in after
+    assert {d["outcome"] for d in records if d["seq"] > kill_seq} == {"stop"}
+    final = summary["governor"]
+    assert final["governed_tool_calls"] == at_kill["governed_tool_calls"]
+    assert (final["governed_handoffs"], final["governed_agents"]) == (4, 5)
+    assert final["decisions"] > at_kill["decisions"]  # the refused steps were still decided
 
 
 # -- 2. enforce against observe ------------------------------------------------------------
@@ -468,7 +504,9 @@ def test_enforce_stops_and_the_orchestrator_falls_back(governed: Governed) -> No
 
     # the fallback work is in the audit trail, run by the orchestrator itself
     audit = wait_for(
-        lambda: (r := api.try_get(f"/api/v1/sessions/{sid}/audit")) and len(r["commands"]) == 3 and r
+        lambda: (
+            (r := api.try_get(f"/api/v1/sessions/{sid}/audit")) and len(r["commands"]) == 3 and r
+        )
     )
     rows = [(c["command"], c["agent_id"], c["chain"], c["depth"]) for c in audit["commands"]]
     assert rows == [
@@ -477,22 +515,31 @@ def test_enforce_stops_and_the_orchestrator_falls_back(governed: Governed) -> No
         (f"run: {WORK[2]}", orch_id, [orch_id], 0),
     ]
     handoffs = [
-        (d["to_agent"], d["outcome"], d["reason"])
+        (d["from_agent"], d["to_agent"], d["outcome"], d["reason"])
         for d in api.decisions(sid)
         if d["phase"] == "pre_handoff"
     ]
     assert handoffs == [
-        (orch_id, "allow", ""),
-        (f"w0-{tag}", "allow", ""),
-        (f"w1-{tag}", "stop", "handoff_budget_exceeded"),
+        ("", orch_id, "allow", ""),
+        (orch_id, f"w0-{tag}", "allow", ""),
+        (orch_id, f"w1-{tag}", "stop", "handoff_budget_exceeded"),
     ]
+    live = api.governor(sid)
+    assert (live["governed_agents"], live["governed_handoffs"]) == (2, 1)
+    assert live["governed_tool_calls"] == 3
 
 
 def test_observe_never_raises_and_records_the_stops(governed: Governed) -> None:
     governed.set_policy(max_handoffs=1)
-    api = governed.api
     stops, hook = recorder()
-    gov = agent_governance(governed.url, on_stop=hook, mode="observe")
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    gov = Governance(
+        provider,
+        governor=GovernorClient(governed.url, api_key=AGENT_KEY, mode="observe"),
+        on_stop=hook,
+    )
     tag = uid()
     sid, orch, done, caught = _orchestrate(gov, tag)
 
@@ -501,7 +548,7 @@ def test_observe_never_raises_and_records_the_stops(governed: Governed) -> None:
     assert done == [(item, f"w{n}-{tag}") for n, item in enumerate(WORK)]
     handoffs = [
         (d["to_agent"], d["outcome"], d["reason"], d["mode"])
-        for d in api.decisions(sid)
+        for d in governed.api.decisions(sid)
         if d["phase"] == "pre_handoff"
     ]
     assert handoffs == [
@@ -510,6 +557,25 @@ def test_observe_never_raises_and_records_the_stops(governed: Governed) -> None:
         (f"w1-{tag}", "stop", "handoff_budget_exceeded", "enforce"),
         (f"w2-{tag}", "stop", "handoff_budget_exceeded", "enforce"),
     ]
+    # the agent saw the stops too: recorded on the orchestrator's span, not raised
+    (orch_span,) = [
+        s
+        for s in exporter.get_finished_spans()
+        if s.attributes["gen_ai.agent.id"] == f"orch-{tag}" and s.name.startswith("invoke_agent")
+    ]
+    decided = [
+        (e.attributes["agentgov.decision.outcome"], e.attributes.get("agentgov.decision.reason"))
+        for e in orch_span.events
+        if e.name == "agentgov.decision"
+    ]
+    assert decided == [
+        ("allow", None),
+        ("stop", "handoff_budget_exceeded"),
+        ("stop", "handoff_budget_exceeded"),
+    ]
+    # the stopped workers ran but never counted as governed agents
+    live = governed.api.governor(sid)
+    assert (live["governed_agents"], live["governed_handoffs"]) == (2, 1)
 
 
 # -- 3. approvals from the SDK -------------------------------------------------------------
@@ -541,7 +607,9 @@ class Review:
             self.pending = wait_for(
                 lambda: self.api.approvals(self.session_id, "pending"), timeout=20
             )
-            time.sleep(0.3)  # the agent keeps waiting while nobody decides
+            # the agent asks again (every 0.5 s at most) and keeps waiting while nobody decides
+            asked = self.api.governor(self.session_id)["decisions"]
+            wait_for(lambda: self.api.governor(self.session_id)["decisions"] > asked)
             self.entered_before = self.entered.is_set()
             aid = self.pending[0]["approval_id"]
             if self.action == "kill":
@@ -608,9 +676,8 @@ def test_approval_granted_lets_the_tool_call_proceed(governed: Governed) -> None
     assert (review.response["status"], review.response["approver"]) == ("approved", "reviewer-1")
     assert review.response["comment"] == "checked"
     assert api.governor(sid)["governed_tool_calls"] == 1
-    tools = [(d["outcome"], d["reason"]) for d in api.decisions(sid) if d["phase"] == "tool"]
-    assert tools[0] == ("approval_required", "approval_required_for_tool")
-    assert tools[-1] == ("allow", "")
+    approval = api.get(f"/api/v1/approvals/{pending['approval_id']}")
+    assert (approval["status"], approval["approver"]) == ("approved", "reviewer-1")
 
 
 def test_approval_denied_raises_stopped(governed: Governed) -> None:
@@ -736,7 +803,8 @@ def test_concurrency_limit_frees_a_slot_when_a_child_finishes(governed: Governed
         (f"pb-{tag}", "stop", "concurrency_limit"),
         (f"pc-{tag}", "allow", ""),
     ]
-    assert api.governor(sid)["active_agents"] == 0
+    live = api.governor(sid)
+    assert (live["active_agents"], live["governed_agents"], live["governed_handoffs"]) == (0, 3, 2)
 
 
 # -- 5. fail closed ------------------------------------------------------------------------
@@ -768,8 +836,11 @@ def test_unreachable_governor_with_fail_open_lets_the_run_proceed() -> None:
     assert planner.constrained is False and c.constrained is False
     events = {
         s.attributes["gen_ai.agent.id"]: [
-            (e.attributes["agentgov.decision.phase"], e.attributes["agentgov.decision.outcome"],
-             e.attributes.get("agentgov.decision.reason"))
+            (
+                e.attributes["agentgov.decision.phase"],
+                e.attributes["agentgov.decision.outcome"],
+                e.attributes.get("agentgov.decision.reason"),
+            )
             for e in s.events
             if e.name == "agentgov.decision"
         ]
@@ -780,6 +851,67 @@ def test_unreachable_governor_with_fail_open_lets_the_run_proceed() -> None:
         "planner-1": [("pre_handoff", "allow", "governor_unavailable")],
         "cleaner-1": [("tool", "allow", "governor_unavailable")],
     }
+
+
+def test_refused_by_the_governor_fails_closed(governed: Governed) -> None:
+    governed.set_policy()
+    gov = Governance(
+        TracerProvider(), governor=GovernorClient(governed.url, api_key="not-a-key-0123456789")
+    )
+    with gov.session("clean up old deployments") as session:
+        with pytest.raises(GovernorUnavailable) as refused:
+            session.agent("planner")
+    assert refused.value.reason == "governor_refused"
+    assert "401: unknown API key" in str(refused.value)
+
+
+def test_fail_open_does_not_bypass_a_refusing_governor(governed: Governed) -> None:
+    governed.set_policy(max_handoffs=0)
+    client = GovernorClient(governed.url, api_key="not-a-key-0123456789", fail_closed=False)
+    gov = Governance(TracerProvider(), governor=client)
+    ran = []
+    with pytest.raises(Stopped) as refused:
+        with gov.session("clean up old deployments") as session:
+            with session.agent("planner") as planner:
+                with planner.delegate("cleaner", permissions=["fs.write:/"]) as cleaner:
+                    with cleaner.tool("shell", command="rm -rf /opt/app"):
+                        ran.append(cleaner.agent_id)
+    assert refused.value.reason == "governor_refused"
+    assert ran == []
+
+
+# -- permissions are decided wherever an agent opens ---------------------------------------
+
+
+def test_sub_agent_opened_with_gov_agent_is_decided(governed: Governed) -> None:
+    governed.set_policy()
+    gov = agent_governance(governed.url)
+    tag = uid()
+    with gov.session("read the app logs") as session:
+        with session.agent("reader", agent_id=f"reader-{tag}", permissions=["fs.read:/opt/app"]):
+            with pytest.raises(Stopped) as stopped:
+                with gov.agent("helper", agent_id=f"helper-{tag}", permissions=["fs.write:/"]):
+                    pass
+    assert stopped.value.reason == "permission_escalation"
+
+
+def test_handoff_receiver_cannot_widen_its_permissions(governed: Governed) -> None:
+    governed.set_policy()
+    gov = agent_governance(governed.url)
+    tag = uid()
+    with gov.session("read the app logs") as session:
+        with session.agent(
+            "reader", agent_id=f"reader-{tag}", permissions=["fs.read:/opt/app"]
+        ) as r:
+            carrier = r.handoff(
+                "tailer", permissions=["fs.read:/opt/app/logs"], agent_id=f"tailer-{tag}"
+            ).headers()
+    # the receiving side (another process in real use) opens the handoff
+    receiver = agent_governance(governed.url)
+    with pytest.raises(Stopped) as stopped:
+        with receiver.agent("tailer", carrier=carrier, permissions=["fs.write:/"]):
+            pass
+    assert stopped.value.reason == "permission_escalation"
 
 
 # -- 6. the five questions -----------------------------------------------------------------
@@ -857,7 +989,9 @@ def five(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FiveQuestions]:
                 with root.tool("shell", command=ROOT_CMD):
                     pass
                 with root.delegate(
-                    "planner", task="plan the cleanup", permissions=PLANNER_PERMS,
+                    "planner",
+                    task="plan the cleanup",
+                    permissions=PLANNER_PERMS,
                     agent_id=planner_id,
                 ) as planner:
                     with planner.tool("shell", command=PLANNER_CMD):
@@ -866,7 +1000,9 @@ def five(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FiveQuestions]:
                     planner.message(f"cleanup-{run.tag}", GRANT)
                     try:
                         planner.delegate(
-                            "cleanup", task="clean /", permissions=["fs.write:/"],
+                            "cleanup",
+                            task="clean /",
+                            permissions=["fs.write:/"],
                             agent_id=f"cleanup-{run.tag}",
                         )
                     except Stopped as stop:
@@ -874,24 +1010,32 @@ def five(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FiveQuestions]:
                     # (3) a child asking what its parent lacks stops; a narrower one runs
                     try:
                         planner.delegate(
-                            "executor", task="archive the logs",
+                            "executor",
+                            task="archive the logs",
                             permissions=["fs.read:/opt/app/logs", "fs.write:/opt/app/logs"],
                             agent_id=f"wide-{run.tag}",
                         )
                     except Stopped as stop:
                         run.escalation = stop
                     handoff = planner.handoff(
-                        "executor", task="archive the logs", permissions=EXECUTOR_PERMS,
+                        "executor",
+                        task="archive the logs",
+                        permissions=EXECUTOR_PERMS,
                         agent_id=executor_id,
                     )
                     marker = base / "executor.marker"
                     child = group.start(
                         "executor",
                         worker_env(
-                            c.url, handoff.env(), None,
-                            WORKER_MODE="once", WORKER_MARKER=str(marker),
-                            WORKER_NAME="executor", WORKER_SERVICE="five-executor",
-                            WORKER_TOOL="shell", WORKER_COMMAND=EXECUTOR_CMD,
+                            c.url,
+                            handoff.env(),
+                            None,
+                            WORKER_MODE="once",
+                            WORKER_MARKER=str(marker),
+                            WORKER_NAME="executor",
+                            WORKER_SERVICE="five-executor",
+                            WORKER_TOOL="shell",
+                            WORKER_COMMAND=EXECUTOR_CMD,
                         ),
                     )
                     assert child.wait(timeout=60) == 0, group.log("executor")
@@ -900,17 +1044,27 @@ def five(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FiveQuestions]:
 
         sid = run.session_id
 
+        seen: dict[str, Any] = {}
+
         def stored() -> Any:
-            audit = api.try_get(f"/api/v1/sessions/{sid}/audit")
-            graph = api.try_get(f"/api/v1/sessions/{sid}/graph")
-            summary = api.try_get(f"/api/v1/sessions/{sid}")
+            for name, path in (("audit", "/audit"), ("graph", "/graph"), ("summary", "")):
+                seen[name] = api.try_get(f"/api/v1/sessions/{sid}{path}")
+            audit, graph, summary = seen["audit"], seen["graph"], seen["summary"]
             done = (
-                audit and len(audit["commands"]) == 3 and graph and len(graph["nodes"]) == 3
-                and summary and summary["status"] == "completed" and summary["spans"] == 6
+                audit
+                and len(audit["commands"]) == 3
+                and graph
+                and len(graph["nodes"]) == 3
+                and summary
+                and summary["status"] == "completed"
+                and summary["spans"] == 6  # 3 agents, 3 commands
             )
             return done and (audit, graph, summary)
 
-        audit, run.graph, run.summary = wait_for(stored, timeout=30)
+        try:
+            audit, run.graph, run.summary = wait_for(stored, timeout=30)
+        except AssertionError as exc:
+            raise AssertionError(f"spans of the run not all stored: {seen}") from exc
         run.audit = audit["commands"]
 
         # (2) in miniature: one kill stops a session's agents in two processes
@@ -918,8 +1072,9 @@ def five(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FiveQuestions]:
             run.kill_session_id = session.session_id
             with session.agent("dispatcher", agent_id=f"disp-{run.tag}") as disp:
                 carriers = [
-                    disp.handoff("drainer", task=f"drain queue {i}", agent_id=f"dr{i}-{run.tag}")
-                    .env()
+                    disp.handoff(
+                        "drainer", task=f"drain queue {i}", agent_id=f"dr{i}-{run.tag}"
+                    ).env()
                     for i in range(2)
                 ]
                 workers, markers, _ = run_loop_workers(
@@ -933,11 +1088,13 @@ def five(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FiveQuestions]:
     finally:
         provider.shutdown()
         group.close()
-        c.stop()
+        stop_collector(c)
 
     out = subprocess.run(
         [sys.executable, "-c", _DUMP, str(c.data_dir), run.session_id],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     dumped = json.loads(out.stdout)
@@ -1012,7 +1169,9 @@ def test_q4_messages_never_widen_permissions(five: FiveQuestions) -> None:
         (planner_id, "permission_escalation"),
     ]
     (planner_span,) = [
-        r for r in five.raw if r["SpanAttributes"].get("gen_ai.agent.id") == planner_id
+        r
+        for r in five.raw
+        if r["SpanAttributes"].get("gen_ai.agent.id") == planner_id
         and r["SpanName"].startswith("invoke_agent")
     ]
     events = list(zip(planner_span["Events.Name"], planner_span["Events.Attributes"], strict=True))

@@ -208,6 +208,7 @@ class Collector:
             if server.should_exit:  # a second signal: stop waiting for connections
                 server.force_exit = True
             server.should_exit = True
+            self.hub.close()
 
         previous = {
             sig: signal.signal(sig, request_exit) for sig in (signal.SIGINT, signal.SIGTERM)
@@ -247,6 +248,7 @@ class Collector:
         return self.config.http_port
 
     def stop(self) -> None:
+        self.hub.close()
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:

@@ -82,6 +82,8 @@ class _SessionWatch:
         self.killed: dict[str, Any] | None = None
         self.ready = threading.Event()
         self.changed = threading.Condition()
+        self.closed = False
+        self._conn: http.client.HTTPConnection | None = None
         self._thread = threading.Thread(
             target=self._run, name=f"agentgov-events-{session_id[:24]}", daemon=True
         )
@@ -95,17 +97,37 @@ class _SessionWatch:
                 backoff = 0.05
             except Exception as exc:
                 log.debug("control events of %s: %s; reconnecting", self.session_id, exc)
-            if self.killed is not None:
+            if self.killed is not None or self.closed:
                 self.ready.set()
                 return  # a kill is final; nothing more to hear
             time.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
+    def close(self) -> None:
+        self.closed = True
+        conn = self._conn
+        if conn is not None and conn.sock is not None:
+            try:
+                conn.sock.shutdown(2)  # wakes the blocked read
+            except OSError:
+                pass
+
     def _listen(self) -> None:
-        conn = self.client._new_connection(timeout=None)
+        conn = self._conn = self.client._new_connection(timeout=None)
         path = f"/api/v1/sessions/{quote(self.session_id, safe='')}/events"
         conn.request("GET", self.client._base + path, headers=self.client._headers(sse=True))
         resp = conn.getresponse()
+        if resp.status in (401, 403):
+            # a refused key will not start working by retrying: stop listening, say why
+            self.closed = True
+            self.ready.set()
+            log.error(
+                "control events of %s refused: %s %r; kills will only be seen at governed steps",
+                self.session_id,
+                resp.status,
+                resp.read(300),
+            )
+            return
         if resp.status != 200:
             self.ready.set()
             raise RuntimeError(f"{resp.status} {resp.read(500)!r}")
@@ -225,8 +247,10 @@ class GovernorClient:
     def _decide(self, path: str, body: dict[str, Any]) -> Decision:
         try:
             return Decision.from_json(self._post(path, body))
-        except GovernorUnavailable:
-            if self.fail_closed:
+        except GovernorUnavailable as exc:
+            # fail-open covers a governor that cannot be reached, never one that refused
+            # the request (a wrong key or a bad request is not an outage)
+            if self.fail_closed or exc.reason != "governor_unreachable":
                 raise
             log.warning("governor unavailable; carrying on (fail_closed=False)")
             return Decision("allow", "governor_unavailable")
@@ -240,6 +264,13 @@ class GovernorClient:
             if w is None:
                 w = self._watches[session_id] = _SessionWatch(self, session_id)
         w.ready.wait(self.timeout if wait is None else wait)
+
+    def close(self) -> None:
+        """Stop listening to every session (listener threads end)."""
+        with self._watch_lock:
+            watches = list(self._watches.values())
+        for w in watches:
+            w.close()
 
     def killed(self, session_id: str) -> dict[str, Any] | None:
         w = self._watches.get(session_id)

@@ -27,6 +27,7 @@ from agentgov.instrumentation.lineage import (
     new_session_id,
     with_lineage,
 )
+from agentgov.instrumentation.permissions import uncovered
 from agentgov.instrumentation.propagation import extract, inject, inject_env
 
 INSTRUMENTATION_NAME = "agentgov.instrumentation"
@@ -534,11 +535,15 @@ class Governance:
         permissions: Sequence[str] | None = None,
         agent_id: str | None = None,
         carrier: Mapping[str, str] | None = None,
+        estimated_usd: float = 0.0,
     ) -> AgentSpan:
         """Open an agent under the current lineage, or under the one in ``carrier``.
 
         With ``carrier`` (headers or environment from :meth:`AgentSpan.handoff`) the agent
-        takes the handoff's id, task, role and permissions unless given here.
+        takes the handoff's id, task, role and permissions; it may narrow the permissions,
+        never widen them (:class:`Stopped`, ``permission_escalation``). The sender's
+        governor already decided that handoff. Without a handoff, the new agent is a
+        delegation from the current agent (or the session's root) and is decided here.
         """
         ctx = extract(carrier) if carrier is not None else otel_context.get_current()
         parent = current_lineage(ctx)
@@ -547,11 +552,20 @@ class Governance:
                 "no agentgov session is active: open one with Governance.session(intent) "
                 "or pass the carrier of a handoff (carrier=os.environ)"
             )
-        if carrier is not None and parent.handoff_to:
+        received = carrier is not None and bool(parent.handoff_to)
+        if received:
             agent_id = agent_id or parent.handoff_to
             task = task or parent.task
             role = role or parent.role
-        return self._agent(
+            if permissions is not None and parent.permissions is not None:
+                wider = uncovered(list(permissions), parent.permissions)
+                if wider:
+                    raise Stopped(
+                        "permission_escalation",
+                        "handoff",
+                        detail=f"{', '.join(wider)} not granted by the handoff",
+                    )
+        child = self._agent(
             name,
             parent=parent,
             parent_ctx=ctx,
@@ -560,6 +574,32 @@ class Governance:
             permissions=permissions,
             agent_id=agent_id,
         )
+        if not received:
+            self._decide_start(child, parent.agent_id, estimated_usd)
+        return child
+
+    def _decide_start(self, child: AgentSpan, from_agent: str, estimated_usd: float) -> None:
+        """Ask the governor to start ``child`` (from ``from_agent``, or as a root)."""
+        governor = self.governor
+        if governor is None:
+            return
+        lin = child.lineage
+        governor.watch(lin.session_id)
+        try:
+            governor.handoff(
+                lin.session_id,
+                from_agent,
+                lin.agent_id,
+                task=child.task,
+                permissions=list(lin.permissions) if lin.permissions is not None else None,
+                estimated_usd=estimated_usd,
+                to_role=lin.role,
+                depth=lin.depth,
+            )
+        except Stopped as stop:
+            if self.on_stop is not None:
+                self.on_stop(child, stop)
+            raise
 
     def _agent(
         self,

@@ -13,7 +13,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from agentgov.collector.governor.state import (
     apply,
 )
 from agentgov.collector.risk import RiskRules
+from agentgov.instrumentation.permissions import uncovered
 
 log = logging.getLogger(__name__)
 
@@ -46,29 +47,6 @@ class GovernorError(RuntimeError):
 
 class Forbidden(PermissionError):
     """The caller may not do this (e.g. approve its own request)."""
-
-
-def covers(grant: str, want: str) -> bool:
-    """Whether permission ``grant`` includes ``want``.
-
-    Equal strings; ``*`` and trailing-``*`` wildcards; and ``scope:path`` grants cover the
-    same scope on the same path or below it (``fs.write:/opt/app`` covers
-    ``fs.write:/opt/app/logs``, not ``fs.write:/opt/application``).
-    """
-    if grant == want or grant == "*":
-        return True
-    if grant.endswith("*"):
-        return want.startswith(grant[:-1])
-    g_scope, g_sep, g_path = grant.partition(":")
-    w_scope, w_sep, w_path = want.partition(":")
-    if g_sep and w_sep and g_scope == w_scope and g_path:
-        base = g_path.rstrip("/")
-        return w_path == base or w_path.startswith(base + "/")
-    return False
-
-
-def uncovered(wanted: Sequence[str], grants: Sequence[str]) -> list[str]:
-    return [w for w in wanted if not any(covers(g, w) for g in grants)]
 
 
 @dataclass

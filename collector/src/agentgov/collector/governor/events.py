@@ -8,6 +8,8 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+_CLOSE = "__close__"
+
 
 class ControlHub:
     """Per-session subscribers; publishing is safe from any thread."""
@@ -39,6 +41,20 @@ class ControlHub:
             queues = list(self._subscribers.get(session_id, ()))
         for q in queues:
             q.put_nowait((kind, payload))
+
+    def close(self) -> None:
+        """End every stream (on shutdown), so open connections do not hold it up."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        def end_all() -> None:
+            with self._lock:
+                queues = [q for subs in self._subscribers.values() for q in subs]
+            for q in queues:
+                q.put_nowait((_CLOSE, {}))
+
+        loop.call_soon_threadsafe(end_all)
 
     async def stream(
         self, session_id: str, first: list[tuple[str, dict[str, Any]]], heartbeat_s: float = 15.0
