@@ -97,15 +97,13 @@ class KeyRing:
 
     @staticmethod
     def _check(name: str, role: str, key: str, where: str) -> tuple[str, str, str]:
-        entry = (
-            _KeyEntry.model_validate({"name": name, "role": role, "key": key})
-            if (role in ROLES and len(key) >= 16)
-            else None
-        )
-        if entry is None:
+        try:
+            entry = _KeyEntry.model_validate({"name": name, "role": role, "key": key})
+        except ValidationError as exc:
             raise ValueError(
-                f"{where}: role must be one of {', '.join(ROLES)} and the key 16+ characters"
-            )
+                f"{where}: needs a name of letters, digits and . _ : @ - (64 at most), a role "
+                f"among {', '.join(ROLES)} and a key of 16 characters or more"
+            ) from exc
         return entry.name, entry.role, entry.key
 
     def merged(self, other: KeyRing) -> KeyRing:

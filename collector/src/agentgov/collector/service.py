@@ -147,16 +147,20 @@ class Collector:
     async def _housekeeping(governor: Governor, policy: PolicySource) -> None:
         """Expire approvals past their TTL; pick up policy file edits without a restart."""
         ticks = 0
+        reported: str | None = None
         while True:
             await asyncio.sleep(0.2)
             ticks += 1
             try:
                 governor.expire_approvals()
-                if ticks % 5 == 0 and policy.reload_if_changed():
-                    log.warning("policy reloaded from %s", policy.path)
-                elif ticks % 5 == 0 and policy.last_error:
-                    log.error("%s (the last good policy stays in force)", policy.last_error)
-                    policy.last_error = None
+                if ticks % 5 == 0:
+                    if policy.reload_if_changed():
+                        log.warning("policy reloaded from %s", policy.path)
+                    # said once per broken edit; GET /api/v1/policy keeps showing it
+                    if policy.last_error != reported:
+                        if policy.last_error:
+                            log.error("%s (the last good policy stays in force)", policy.last_error)
+                        reported = policy.last_error
             except Exception:
                 log.exception("governor housekeeping failed")
 

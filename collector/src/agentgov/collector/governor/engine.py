@@ -366,7 +366,13 @@ class Governor:
                 state,
                 req.approval_id,
                 "handoff",
-                {"from_agent": req.from_agent, "to_agent": req.to_agent, "task": req.task},
+                # an approval covers exactly what it was asked for, permissions included
+                {
+                    "from_agent": req.from_agent,
+                    "to_agent": req.to_agent,
+                    "task": req.task,
+                    "permissions": req.permissions,
+                },
             )
             if gate is not None:
                 return gate[0], gate[1], ""

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class HighRiskDelegation(BaseModel):
@@ -48,10 +48,11 @@ class MultiAgentPolicy(BaseModel):
     #: what an agent is told when the governor cannot decide: stop (fail closed) or allow
     on_error: Literal["stop", "allow"] = "stop"
 
-    @model_validator(mode="after")
-    def _one_owner_per_task(self) -> MultiAgentPolicy:
+    @field_validator("roles")
+    @classmethod
+    def _one_owner_per_task(cls, roles: dict[str, list[str]]) -> dict[str, list[str]]:
         seen: dict[str, str] = {}
-        for role, tasks in self.roles.items():
+        for role, tasks in roles.items():
             for task in tasks:
                 if task in seen and seen[task] != role:
                     raise ValueError(
@@ -59,7 +60,7 @@ class MultiAgentPolicy(BaseModel):
                         "give each task one owner role"
                     )
                 seen[task] = role
-        return self
+        return roles
 
     def owner_of(self, task: str) -> str | None:
         for role, tasks in self.roles.items():
@@ -96,7 +97,8 @@ def parse_policy(text: str, source: str) -> Policy:
     except yaml.YAMLError as exc:
         raise PolicyError(f"{source}: not valid YAML: {exc}") from exc
     if data is None:
-        data = {}
+        # an editor may empty the file before writing it: never read that as "no limits"
+        raise PolicyError(f"{source}: the policy is empty; write at least 'multi_agent: {{}}'")
     if not isinstance(data, Mapping):
         raise PolicyError(f"{source}: the policy must be a mapping with a 'multi_agent' section")
     try:

@@ -160,15 +160,24 @@ def apply(state: SessionState, record: Record, approvals: dict[str, Approval]) -
     d = record.detail
     if record.phase == PRE_HANDOFF and record.effective:
         perms = d.get("permissions")
-        state.agents[record.to_agent] = AgentState(
-            agent_id=record.to_agent,
-            parent=record.from_agent,
-            depth=record.depth,
-            role=str(d.get("role", "")),
-            task=record.task,
-            permissions=tuple(perms) if perms is not None else None,
-            estimated_usd=float(d.get("estimated_usd", 0.0)),
-        )
+        estimate = float(d.get("estimated_usd", 0.0))
+        known = state.agents.get(record.to_agent)
+        if known is not None:
+            # delegated again: what it spent stays spent; the new estimate comes on top
+            known.active = True
+            known.estimated_usd = max(known.estimated_usd, known.spent_usd) + estimate
+            known.task = record.task or known.task
+            known.permissions = tuple(perms) if perms is not None else known.permissions
+        else:
+            state.agents[record.to_agent] = AgentState(
+                agent_id=record.to_agent,
+                parent=record.from_agent,
+                depth=record.depth,
+                role=str(d.get("role", "")),
+                task=record.task,
+                permissions=tuple(perms) if perms is not None else None,
+                estimated_usd=estimate,
+            )
         if record.from_agent:
             state.handoffs += 1
         if record.task and d.get("lock"):
@@ -181,9 +190,9 @@ def apply(state: SessionState, record: Record, approvals: dict[str, Approval]) -
         usd = float(d.get("usd", 0.0))
         if agent is not None:
             agent.spent_usd += usd
-        elif usd:
-            # spend by an agent the governor never saw start still counts against the run
-            state.agents[record.to_agent] = AgentState(
+        elif usd or not d.get("finished"):
+            # an agent the governor never saw start: its spend still counts against the run
+            agent = state.agents[record.to_agent] = AgentState(
                 record.to_agent, "", record.depth, "", "", None, 0.0, usd, True
             )
         state.tool_calls += int(d.get("tool_calls", 0))
