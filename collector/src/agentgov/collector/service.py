@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import threading
@@ -180,6 +181,10 @@ class Collector:
             replay_client.close()
         if replayed:
             log.info("governor state rebuilt from %d audit records", replayed)
+        # long-lived objects of the start-up (schema, clients, replayed state) leave the
+        # collector's generations: full collections then stay short on the decision path
+        gc.collect()
+        gc.freeze()
         if not self.keys.enabled:
             log.warning(
                 "no API keys configured: the API is open to anyone who can reach %s. "

@@ -144,7 +144,7 @@ class AuditWriter:
     def __init__(self, store: StoreConfig, interval_s: float = 0.05) -> None:
         self._store = store
         self._interval = interval_s
-        self._queue: queue.SimpleQueue[Record | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._client: Client | None = None
         self._cond = threading.Condition()
@@ -160,9 +160,12 @@ class AuditWriter:
         return self
 
     def __call__(self, record: Record) -> None:
+        # serialized here, a few microseconds per decision, rather than in bursts on the
+        # writer thread, which would stall the event loop for a whole batch at a time
+        line = _json_row(record)
         with self._cond:
             self._pending += 1
-        self._queue.put(record)
+        self._queue.put(line)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every record handed over so far is written."""
@@ -202,11 +205,11 @@ class AuditWriter:
             if stop:
                 return
 
-    def _write(self, batch: list[Record]) -> None:
+    def _write(self, batch: list[str]) -> None:
         assert self._client is not None
         for attempt in range(5):
             try:
-                block = "\n".join(_json_row(r) for r in batch).encode()
+                block = "\n".join(batch).encode()
                 self._client.raw_insert(DECISIONS, insert_block=block, fmt="JSONEachRow")
                 self.written += len(batch)
                 return
