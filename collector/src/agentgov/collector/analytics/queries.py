@@ -106,14 +106,15 @@ class Analytics:
     def graph(self, session_id: str) -> Graph:
         """Agents of a session with role, depth, risk; edges from lineage (parent → child)."""
         check_id(session_id, "session id")
-        # FINAL merges the per-agent aggregates on read: cheaper to plan than a GROUP BY
         nodes = self._df(
             f"""
-            SELECT AgentId AS id, Name AS name, Role AS role, Depth AS depth, Risk AS risk,
-                   ToolCalls AS tool_calls, round(CostUsd, 6) AS usd, ParentId AS parent_id,
-                   Task AS task, Errors AS error
-            FROM {schema.AGENTS} FINAL
+            SELECT AgentId AS id, max(Name) AS name, max(Role) AS role, min(Depth) AS depth,
+                   max(Risk) AS risk, sum(ToolCalls) AS tool_calls,
+                   round(sum(CostUsd), 6) AS usd, max(ParentId) AS parent_id,
+                   max(Task) AS task, max(Errors) AS error
+            FROM {schema.AGENTS}
             WHERE SessionId = {{sid:String}}
+            GROUP BY AgentId
             ORDER BY depth, id
             """,
             {"sid": session_id},
