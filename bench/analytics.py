@@ -61,7 +61,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="agentgov-analytics-"))
     try:
         client = prepare(StoreConfig(f"chdb://{workdir / 'data'}"), RiskRules.default())
-        settings = {**schema.INGEST_SETTINGS, "format_schema": schema.ingest_proto()}
+        settings = schema.ingest_settings(embedded=True)
         start = time.perf_counter()
         step = 50_000
         for offset in range(0, TOTAL, step):

@@ -171,7 +171,7 @@ def test_retry_after_crash_between_insert_and_commit_is_not_duplicated(
         schema.INGEST,
         insert_block=_varint(len(payload)) + payload,
         fmt="Protobuf",
-        settings={**schema.INGEST_SETTINGS, "format_schema": schema.ingest_proto()},
+        settings=schema.ingest_settings(embedded=True),
     )
     assert _session_rows(store_client, session_id) == (50, 50)
     writer = SpanWriter(writer_store, threads=1).start()
@@ -245,7 +245,7 @@ def test_crash_inside_the_view_chain_is_repaired_at_start(
             f"{staging}_in",
             insert_block=_varint(len(payload)) + payload,
             fmt="Protobuf",
-            settings={**schema.INGEST_SETTINGS, "format_schema": schema.ingest_proto()},
+            settings=schema.ingest_settings(embedded=True),
         )
         partition = store_client.query(
             "SELECT DISTINCT partition_id FROM system.parts WHERE table = {t:String} AND active",

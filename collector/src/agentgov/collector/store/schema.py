@@ -14,6 +14,7 @@ materialized views, so spans analysed are the same whichever route they arrived 
 from __future__ import annotations
 
 from importlib import resources as importlib_resources
+from pathlib import Path
 
 from clickhouse_connect.driver.binding import format_query_value
 
@@ -35,6 +36,22 @@ def ingest_proto() -> str:
         .joinpath("otlp_ingest.proto")
         .read_text("utf-8")
     )
+
+
+def ingest_settings(embedded: bool) -> dict[str, object]:
+    """Insert settings for the ingest table.
+
+    chDB reads the packaged schema file by its path. A ClickHouse server cannot see this
+    machine's files, so it gets the schema's text (``format_schema_source = 'string'``,
+    ClickHouse 25.x and later), which it caches in its own format-schema directory.
+    """
+    if embedded:
+        path = (
+            Path(str(importlib_resources.files("agentgov.collector.store"))) / "otlp_ingest.proto"
+        )
+        if path.is_file():
+            return {**INGEST_SETTINGS, "format_schema": str(path)}
+    return {**INGEST_SETTINGS, "format_schema_source": "string", "format_schema": ingest_proto()}
 
 
 OTEL_TRACES = f"""
@@ -209,9 +226,9 @@ ARRAY JOIN tupleElement(scope_spans, 'scope') AS scope, tupleElement(scope_spans
 ARRAY JOIN spans AS s
 """
 
-#: settings for inserts into the ingest table (exporter-compatible JSON of arrays)
+#: settings for inserts into the ingest table (exporter-compatible JSON of arrays);
+#: see :func:`ingest_settings` for the schema itself
 INGEST_SETTINGS = {
-    "format_schema_source": "string",
     "format_schema_message_name": "ExportTraceServiceRequest",
     "input_format_protobuf_oneof_presence": 1,
     "output_format_json_escape_forward_slashes": 0,

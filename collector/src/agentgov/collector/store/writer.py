@@ -171,7 +171,7 @@ class SpanWriter:
         self._threads: list[threading.Thread] = []
         self._thread_count = max(1, threads)
         self._clients: list[Client] = []
-        self._settings = {**schema.INGEST_SETTINGS, "format_schema": schema.ingest_proto()}
+        self._settings = schema.ingest_settings(config.embedded)
         self.stats = WriterStats()
         #: called with the number of spans after each committed batch (for live analytics)
         self.on_commit: list = []

@@ -1,0 +1,1 @@
+"""Storage: the ClickHouse schema, the span writer and crash repair."""
