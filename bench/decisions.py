@@ -19,14 +19,13 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
+sys.path.insert(0, str(Path(__file__).parent))
+from collector_process import running_collector
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", 5))
 PROCS = int(os.environ.get("PROCS", 2))
@@ -116,55 +115,23 @@ def run(port: int, mode: str, conns: int) -> tuple[float, float, float]:
     return len(lat) / SECONDS, lat[len(lat) // 2], lat[int(len(lat) * 0.99)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="agentgov-decisions-"))
     (workdir / "policy.yaml").write_text(POLICY)
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agentgov.collector.cli",
-            "collector",
-            "--store",
-            f"chdb://{workdir / 'data'}",
-            "--http-port",
-            str(port),
-            "--grpc-port",
-            "-1",
-            "--policy",
-            str(workdir / "policy.yaml"),
-            "--log-level",
-            "error",
-        ],
-        stderr=subprocess.DEVNULL,
-    )
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        print(f"cores: {os.cpu_count()}, client processes: {PROCS}, {SECONDS:.0f}s per run")
-        for conns in (1, 4, 16):
-            base = run(port, "health", conns)
-            dec = run(port, "decide", conns)
-            print(
-                f"{PROCS * conns:3d} concurrent clients: decisions {dec[0]:8,.0f}/s "
-                f"p50 {dec[1] * 1e3:5.2f} ms p99 {dec[2] * 1e3:5.2f} ms | "
-                f"GET /healthz {base[0]:8,.0f}/s p50 {base[1] * 1e3:5.2f} ms | "
-                f"throughput ratio {dec[0] / base[0]:.2f}"
-            )
+        with running_collector(workdir / "data", "--policy", str(workdir / "policy.yaml")) as url:
+            port = int(url.rsplit(":", 1)[1])
+            print(f"cores: {os.cpu_count()}, client processes: {PROCS}, {SECONDS:.0f}s per run")
+            for conns in (1, 4, 16):
+                base = run(port, "health", conns)
+                dec = run(port, "decide", conns)
+                print(
+                    f"{PROCS * conns:3d} concurrent clients: decisions {dec[0]:8,.0f}/s "
+                    f"p50 {dec[1] * 1e3:5.2f} ms p99 {dec[2] * 1e3:5.2f} ms | "
+                    f"GET /healthz {base[0]:8,.0f}/s p50 {base[1] * 1e3:5.2f} ms | "
+                    f"throughput ratio {dec[0] / base[0]:.2f}"
+                )
     finally:
-        proc.terminate()
-        proc.wait(30)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
+from collector_process import running_collector
 from workload import COLUMNS, env_int, spans, to_columns, to_request
 
 TOTAL = env_int("SPANS", 200_000)
@@ -56,14 +57,6 @@ def raw_child(path: str) -> None:
     print(json.dumps({"seconds": elapsed, "stored": stored}))
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_raw(workdir: Path) -> float:
     out = subprocess.run(
         [sys.executable, __file__, "--raw-child", str(workdir / "raw")],
@@ -77,31 +70,7 @@ def run_raw(workdir: Path) -> float:
 
 
 def run_e2e(workdir: Path) -> tuple[float, dict]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agentgov.collector.cli",
-            "collector",
-            "--store",
-            f"chdb://{workdir / 'e2e'}",
-            "--http-port",
-            str(port),
-            "--grpc-port",
-            "-1",
-            "--log-level",
-            "warning",
-        ],
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+    with running_collector(workdir / "e2e") as url:
         data = spans(TOTAL)
         bodies = [to_request(data[i : i + BATCH]) for i in range(0, TOTAL, BATCH)]
         headers = {"Content-Type": "application/x-protobuf"}
@@ -136,9 +105,6 @@ def run_e2e(workdir: Path) -> tuple[float, dict]:
         health = httpx.get(f"{url}/healthz").json()
         assert health["spans_written"] == TOTAL + 2000, health
         return TOTAL / elapsed, health
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def main() -> None:

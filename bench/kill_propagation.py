@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,9 @@ import time
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from collector_process import running_collector
 
 ROUNDS = int(os.environ.get("ROUNDS", 5))
 PROCESSES = int(os.environ.get("PROCESSES", 4))
@@ -76,12 +78,6 @@ def child(url: str) -> None:
     print(json.dumps({"stopped": stopped, "decision_rtt_ns": rtt}), flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def one_round(url: str) -> tuple[list[float], list[float], float]:
     from opentelemetry.sdk.trace import TracerProvider
 
@@ -130,61 +126,39 @@ def one_round(url: str) -> tuple[list[float], list[float], float]:
 
 def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="agentgov-kill-"))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agentgov.collector.cli",
-            "collector",
-            "--store",
-            f"chdb://{workdir / 'data'}",
-            "--http-port",
-            str(port),
-            "--grpc-port",
-            "-1",
-            "--log-level",
-            "error",
-        ],
-        stderr=subprocess.DEVNULL,
-    )
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        all_lat: list[float] = []
-        rtts: list[float] = []
-        calls: list[float] = []
-        for _ in range(ROUNDS):
-            lat, rtt, call = one_round(url)
-            all_lat += lat
-            rtts += rtt
-            calls.append(call)
-        all_lat.sort()
-        rtts.sort()
-        p50 = all_lat[len(all_lat) // 2]
-        p99 = all_lat[int(len(all_lat) * 0.99) - 1]
-        print(
-            f"{ROUNDS} rounds x {AGENTS} agents over {PROCESSES} processes "
-            f"({STEP_S * 1e3:.0f} ms of work between governed steps)"
-        )
-        print(
-            f"kill call until an agent stopped: p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  "
-            f"max {all_lat[-1]:6.2f} ms  (goal p99 <= 50 ms: {'met' if p99 <= 50 else 'NOT met'})"
-        )
-        print(
-            f"baseline: one governed decision round trip p50 {rtts[len(rtts) // 2]:.2f} ms; "
-            f"the kill call itself {sorted(calls)[len(calls) // 2]:.2f} ms; "
-            f"p99 propagation = {p99 / rtts[len(rtts) // 2]:.1f} decision round trips"
-        )
+        with running_collector(workdir / "data") as url:
+            _measure(url)
     finally:
-        server.terminate()
-        server.wait(30)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _measure(url: str) -> None:
+    all_lat: list[float] = []
+    rtts: list[float] = []
+    calls: list[float] = []
+    for _ in range(ROUNDS):
+        lat, rtt, call = one_round(url)
+        all_lat += lat
+        rtts += rtt
+        calls.append(call)
+    all_lat.sort()
+    rtts.sort()
+    p50 = all_lat[len(all_lat) // 2]
+    p99 = all_lat[int(len(all_lat) * 0.99) - 1]
+    print(
+        f"{ROUNDS} rounds x {AGENTS} agents over {PROCESSES} processes "
+        f"({STEP_S * 1e3:.0f} ms of work between governed steps)"
+    )
+    print(
+        f"kill call until an agent stopped: p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  "
+        f"max {all_lat[-1]:6.2f} ms  (goal p99 <= 50 ms: {'met' if p99 <= 50 else 'NOT met'})"
+    )
+    print(
+        f"baseline: one governed decision round trip p50 {rtts[len(rtts) // 2]:.2f} ms; "
+        f"the kill call itself {sorted(calls)[len(calls) // 2]:.2f} ms; "
+        f"p99 propagation = {p99 / rtts[len(rtts) // 2]:.1f} decision round trips"
+    )
 
 
 if __name__ == "__main__":
