@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -123,14 +123,14 @@ class QueryApi:
             limit = _int_param(request, "limit", 50, 1, 10_000)
         except ValueError as exc:
             return error(400, str(exc))
-        order = request.query_params.get("order", "recent")
-        if order not in ("recent", "risk"):
+        raw_order = request.query_params.get("order", "recent")
+        if raw_order not in ("recent", "risk"):
             return error(400, "query parameter 'order' must be 'recent' or 'risk'")
+        order: Literal["recent", "risk"] = "risk" if raw_order == "risk" else "recent"
         return await self._guard(
             lambda: {
                 "sessions": [
-                    self._with_governor(r)
-                    for r in records(self.analytics.sessions(limit, order))  # type: ignore[arg-type]
+                    self._with_governor(r) for r in records(self.analytics.sessions(limit, order))
                 ]
             },
             request=request,

@@ -99,7 +99,7 @@ class Collector:
         self._thread: threading.Thread | None = None
         self.grpc_port: int | None = None
 
-    def _app(self) -> Starlette:
+    def _app(self) -> DecisionFastPath:
         assert self.writer is not None and self.analytics is not None
         assert self.governor is not None
         receiver = OtlpHttpReceiver(self.writer, self.config.limits)
@@ -142,7 +142,7 @@ class Collector:
             ],
             lifespan=lifespan,
         )
-        return DecisionFastPath(app, gov_api)  # type: ignore[return-value]
+        return DecisionFastPath(app, gov_api)
 
     @staticmethod
     async def _housekeeping(governor: Governor, policy: PolicySource) -> None:

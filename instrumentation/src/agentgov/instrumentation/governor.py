@@ -54,6 +54,8 @@ class GovernorUnavailable(Stopped):
 
 @dataclass(frozen=True)
 class Decision:
+    """A governor's answer, as it travels on the wire (both sides use this type)."""
+
     outcome: str
     reason: str = ""
     owner: str = ""
@@ -71,6 +73,18 @@ class Decision:
             risk=data.get("risk"),
             shadow=data.get("shadow"),
         )
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"outcome": self.outcome, "reason": self.reason or None}
+        if self.owner:
+            out["owner"] = self.owner
+        if self.approval_id:
+            out["approval_id"] = self.approval_id
+        if self.risk is not None:
+            out["risk"] = self.risk
+        if self.shadow is not None:
+            out["shadow"] = self.shadow
+        return out
 
 
 class _SessionWatch:

@@ -17,7 +17,6 @@ from agentgov.collector.api import records
 from agentgov.collector.auth import AuthError, Caller, KeyRing
 from agentgov.collector.governor import audit
 from agentgov.collector.governor.engine import (
-    Decision,
     Forbidden,
     Governor,
     GovernorError,
@@ -26,6 +25,7 @@ from agentgov.collector.governor.engine import (
     UsageRequest,
 )
 from agentgov.collector.governor.events import ControlHub
+from agentgov.instrumentation.governor import Decision
 from agentgov.instrumentation.lineage import check_id
 
 log = logging.getLogger(__name__)

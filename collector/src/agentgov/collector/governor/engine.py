@@ -33,6 +33,7 @@ from agentgov.collector.governor.state import (
     apply,
 )
 from agentgov.collector.risk import RiskRules
+from agentgov.instrumentation.governor import Decision
 from agentgov.instrumentation.permissions import uncovered
 
 log = logging.getLogger(__name__)
@@ -81,29 +82,6 @@ class UsageRequest:
     usd: float = 0.0
     tool_calls: int = 0
     finished: bool = False
-
-
-@dataclass
-class Decision:
-    outcome: str
-    reason: str = ""
-    owner: str = ""
-    approval_id: str = ""
-    risk: int | None = None
-    #: in shadow mode: what enforce mode would have answered
-    shadow: dict[str, str] | None = None
-
-    def as_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"outcome": self.outcome, "reason": self.reason or None}
-        if self.owner:
-            out["owner"] = self.owner
-        if self.approval_id:
-            out["approval_id"] = self.approval_id
-        if self.risk is not None:
-            out["risk"] = self.risk
-        if self.shadow is not None:
-            out["shadow"] = self.shadow
-        return out
 
 
 Sink = Callable[[Record], None]

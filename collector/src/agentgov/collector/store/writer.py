@@ -128,7 +128,6 @@ class WriterStats:
     duplicates: int = 0
     batches: int = 0
     failed_requests: int = 0
-    last_batch_requests: int = 0
     #: wall time spent in inserts, summed over writer threads
     insert_seconds: float = 0.0
 
@@ -173,8 +172,6 @@ class SpanWriter:
         self._clients: list[Client] = []
         self._settings = schema.ingest_settings(config.embedded)
         self.stats = WriterStats()
-        #: called with the number of spans after each committed batch (for live analytics)
-        self.on_commit: list = []
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -388,7 +385,6 @@ class SpanWriter:
                 self.stats.requests += len(batch)
                 self.stats.spans += written
                 self.stats.batches += 1
-                self.stats.last_batch_requests = len(batch)
             else:
                 self.stats.failed_requests += len(batch)
         for item in batch:
@@ -396,12 +392,6 @@ class SpanWriter:
                 item.future.set_result(item.spans)
             else:
                 item.future.set_exception(exc)
-        if exc is None:
-            for callback in self.on_commit:
-                try:
-                    callback(written)
-                except Exception:
-                    log.exception("commit listener failed")
 
     def _repair(self, client: Client, item: _Item) -> None:
         """After a failed insert: fix derived tables, then keep only spans not yet stored."""
