@@ -1,0 +1,1 @@
+"""Alert rules evaluated in real time: they stop sessions and notify Slack."""
