@@ -153,16 +153,22 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1):  # type: 
 
 
 @pytest.fixture(scope="session")
-def store_client(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """A clickhouse-connect client on an embedded chDB store with the agentgov schema.
+def store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one chDB data path of this test process.
 
-    chDB hosts one data path per process, so every in-process store test shares this one
-    (session-scoped); tests keep apart by using their own session and trace ids.
+    chDB hosts one data path per process, so every in-process store test (and any
+    collector a test embeds with ``Collector(...).start()``) shares this one; tests keep
+    apart by using their own session and trace ids.
     """
+    return tmp_path_factory.mktemp("store") / "data"
+
+
+@pytest.fixture(scope="session")
+def store_client(store_path: Path):  # type: ignore[no-untyped-def]
+    """A clickhouse-connect client on the embedded chDB store with the agentgov schema."""
     from agentgov.collector.risk import RiskRules
     from agentgov.collector.store.connection import StoreConfig, prepare
 
-    path = tmp_path_factory.mktemp("store") / "data"
-    client = prepare(StoreConfig(f"chdb://{path}"), RiskRules.default())
+    client = prepare(StoreConfig(f"chdb://{store_path}"), RiskRules.default())
     yield client
     client.close()
