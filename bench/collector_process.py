@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -20,8 +21,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_collector(data_dir: Path, *args: str) -> Iterator[str]:
-    """Run ``agentgov collector`` on ``data_dir`` (extra CLI ``args``); yield its URL."""
+def running_collector(
+    data_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """Run ``agentgov collector`` on ``data_dir`` (extra CLI ``args`` and ``env``); yield
+    its URL."""
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -40,6 +44,7 @@ def running_collector(data_dir: Path, *args: str) -> Iterator[str]:
             *args,
         ],
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -55,6 +55,12 @@ class CollectorProcess:
         ``env`` adds environment variables, e.g. ``AGENTGOV_API_KEYS``.
         """
         self.log_path = self.data_dir.parent / f"collector-{self.http_port}.log"
+        if "--alert-rules" not in extra_args:
+            # alert rules act on sessions (stops); tests of other features keep them out
+            # unless they bring their own rules
+            no_rules = self.data_dir.parent / "no-alert-rules"
+            no_rules.mkdir(exist_ok=True)
+            extra_args = (*extra_args, "--alert-rules", str(no_rules))
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [

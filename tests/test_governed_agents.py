@@ -1182,6 +1182,8 @@ def test_q4_messages_never_widen_permissions(five: FiveQuestions) -> None:
             "agentgov.message.to": f"cleanup-{five.tag}",
             "agentgov.message.digest": "sha256:" + hashlib.sha256(GRANT.encode()).hexdigest(),
             "agentgov.message.size": str(len(GRANT)),
+            # scored in the sender's process; this asks for a grant, it injects nothing
+            "agentgov.message.injection": "0",
         }
     ]
     stops = [

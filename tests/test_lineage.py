@@ -513,8 +513,9 @@ def test_store_rows_carry_session_task_and_permissions(run: Run) -> None:
             exp.service,
         )
         assert got == want, aid
-        # tool spans carry who/why (session, chain, intent), not the agent's task or grant
-        assert (t["Task"], t["Permissions"]) == ("", []), aid
+        # tool spans carry who/why (session, chain, intent) and the caller's grant, so a
+        # command can be judged against its scope on its own; not the agent's task
+        assert (t["Task"], t["Permissions"]) == ("", list(agents[aid]["Permissions"])), aid
 
 
 def test_trace_context_is_shared_where_it_was_propagated(run: Run) -> None:

@@ -42,7 +42,7 @@ def records(df: pd.DataFrame) -> list[dict[str, Any]]:
     ]
 
 
-def _json(data: Any, status: int = 200) -> Response:
+def json_response(data: Any, status: int = 200) -> Response:
     return Response(
         json.dumps(data, default=_plain, separators=(",", ":")),
         status_code=status,
@@ -54,7 +54,7 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+def int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
         return default
@@ -86,7 +86,7 @@ class QueryApi:
         try:
             if request is not None:
                 self.keys.authorize(request.headers.get("authorization"), "read")
-            return _json(await run_in_threadpool(fn, *args))
+            return json_response(await run_in_threadpool(fn, *args))
         except AuthError as exc:
             return error(exc.status, str(exc))
         except (InvalidIdError, ValueError) as exc:
@@ -120,7 +120,7 @@ class QueryApi:
 
     async def sessions(self, request: Request) -> Response:
         try:
-            limit = _int_param(request, "limit", 50, 1, 10_000)
+            limit = int_param(request, "limit", 50, 1, 10_000)
         except ValueError as exc:
             return error(400, str(exc))
         raw_order = request.query_params.get("order", "recent")
@@ -158,7 +158,7 @@ class QueryApi:
 
     async def fanout(self, request: Request) -> Response:
         try:
-            limit = _int_param(request, "limit", 100, 1, 10_000)
+            limit = int_param(request, "limit", 100, 1, 10_000)
         except ValueError as exc:
             return error(400, str(exc))
         sid = request.query_params.get("session")

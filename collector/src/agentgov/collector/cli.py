@@ -73,6 +73,13 @@ def main() -> None:
     default=None,
     help="API keys YAML (keys in AGENTGOV_API_KEYS are added).",
 )
+@click.option(
+    "--alert-rules",
+    multiple=True,
+    type=click.Path(exists=True),
+    envvar="AGENTGOV_ALERT_RULES",
+    help="Alert rule file or folder, repeatable (default: the shipped alerts/; re-read on change).",
+)
 @click.option("--max-request-bytes", default=Limits.max_request_bytes, show_default=True, type=int)
 @click.option("--max-attributes", default=Limits.max_attributes, show_default=True, type=int)
 @click.option(
@@ -89,11 +96,13 @@ def collector(
     risk_rules: str | None,
     policy_path: str | None,
     api_keys: str | None,
+    alert_rules: tuple[str, ...],
     max_request_bytes: int,
     max_attributes: int,
     log_level: str,
 ) -> None:
-    """Run the collector: OTLP receivers, ClickHouse storage and the API."""
+    """Run the collector: OTLP receivers, ClickHouse storage, governor, alerts and the API."""
+    from agentgov.collector.alerts.rules import AlertRulesError
     from agentgov.collector.governor.policy import PolicyError
     from agentgov.collector.risk import RiskRulesError
     from agentgov.collector.service import Collector, CollectorConfig
@@ -110,6 +119,7 @@ def collector(
         risk_rules=risk_rules,
         policy=policy_path,
         api_keys=api_keys,
+        alert_rules=alert_rules,
         limits=Limits(max_request_bytes=max_request_bytes, max_attributes=max_attributes),
         log_level=log_level,
     )
@@ -122,7 +132,7 @@ def collector(
             err=True,
         )
         service.run()
-    except (RiskRulesError, PolicyError, StoreError, OSError, ValueError) as exc:
+    except (RiskRulesError, PolicyError, AlertRulesError, StoreError, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
@@ -274,6 +284,87 @@ def policy_lint(path: str) -> None:
         f"{path}: ok (mode {ma.mode}, {len(ma.roles)} owner roles, "
         f"{len(ma.permissions)} permission roles)"
     )
+
+
+@main.group()
+def alerts() -> None:
+    """Alert rules: check them, try them on a stored session, read what fired."""
+
+
+@alerts.command("lint")
+@click.argument("paths", nargs=-1, type=click.Path())
+def alerts_lint(paths: tuple[str, ...]) -> None:
+    """Check rule files or folders (default: the shipped alerts/); errors name file, rule
+    and field."""
+    from agentgov.collector.alerts.rules import AlertRulesError, default_rules_path, load_rules
+
+    targets = list(paths) or [str(default_rules_path())]
+    try:
+        ruleset = load_rules(targets)
+    except AlertRulesError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for rule in ruleset.rules:
+        click.echo(
+            f"{ruleset.files[rule.name]}: {rule.name}: source {rule.source}, {rule.severity}, "
+            f"actions {', '.join(rule.actions)}" + ("" if rule.enabled else " (disabled)")
+        )
+    click.echo(f"ok: {len(ruleset.rules)} rules")
+
+
+@alerts.command("test")
+@url_option
+@json_option
+@click.argument("session_id")
+def alerts_test(url: str | None, as_json: bool, session_id: str) -> None:
+    """Show which rules would fire on a stored session; acts on nothing."""
+
+    def go() -> None:
+        result = _client(url).alerts_test(session_id)
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+            return
+        click.echo(
+            f"{session_id}: {result['facts']} spans and messages, {result['decisions']} decisions"
+        )
+        if not result["would_fire"]:
+            click.echo("no rule would fire")
+        for f in result["would_fire"]:
+            click.echo(
+                f"  {f['rule']} ({f['severity']}; {', '.join(f['actions'])}): {f['message']}"
+            )
+
+    _run(go)
+
+
+@alerts.command("list")
+@url_option
+@json_option
+@click.option("--session", "session_id", default=None)
+@click.option("--rule", default=None)
+@click.option("--event", default=None, help="fired, throttled, stopped, slack_sent, ...")
+@click.option("--limit", default=50, show_default=True, type=int)
+def alerts_list(
+    url: str | None,
+    as_json: bool,
+    session_id: str | None,
+    rule: str | None,
+    event: str | None,
+    limit: int,
+) -> None:
+    """Recent alert events: firings, throttles, stops and Slack deliveries."""
+
+    def go() -> None:
+        rows = _client(url).alerts(session_id, rule, event, limit)
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        for a in rows:
+            click.echo(
+                f"{a['time']:.3f}  {a['event']:<18} {a['rule']:<28} {a['session_id']}  "
+                f"{a['message'] or a['status']}"
+            )
+
+    _run(go)
 
 
 @main.command()

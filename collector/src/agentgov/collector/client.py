@@ -88,3 +88,19 @@ class CollectorClient:
             f"/api/v1/approvals/{_segment(approval_id)}/{verb}",
             {"approver": approver, "comment": comment},
         )
+
+    def alerts(
+        self,
+        session_id: str | None = None,
+        rule: str | None = None,
+        event: str | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        return list(
+            self.get("/api/v1/alerts", session_id=session_id, rule=rule, event=event, limit=limit)[
+                "alerts"
+            ]
+        )
+
+    def alerts_test(self, session_id: str) -> dict[str, Any]:
+        return dict(self.get("/api/v1/alerts/test", session_id=session_id))

@@ -24,6 +24,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from agentgov.collector.alerts.api import AlertsApi
+from agentgov.collector.alerts.engine import AlertEngine
+from agentgov.collector.alerts.journal import AlertJournal
+from agentgov.collector.alerts.rules import RuleSource, default_rules_path
+from agentgov.collector.alerts.slack import Notice, SlackNotifier
 from agentgov.collector.analytics import Analytics
 from agentgov.collector.api import QueryApi
 from agentgov.collector.auth import KeyRing
@@ -32,6 +37,7 @@ from agentgov.collector.governor.api import DecisionFastPath, GovernorApi
 from agentgov.collector.governor.engine import Governor
 from agentgov.collector.governor.events import ControlHub
 from agentgov.collector.governor.policy import PolicySource
+from agentgov.collector.governor.state import Record
 from agentgov.collector.receiver.decode import Limits
 from agentgov.collector.receiver.otlp_grpc import start_grpc_server
 from agentgov.collector.receiver.otlp_http import OtlpHttpReceiver
@@ -68,6 +74,8 @@ class CollectorConfig:
     policy: str | None = None
     #: API keys YAML; keys in AGENTGOV_API_KEYS are added to these
     api_keys: str | None = None
+    #: alert rule files or folders (re-read when they change); empty: the shipped alerts/
+    alert_rules: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
     log_level: str = "warning"
 
@@ -89,8 +97,16 @@ class Collector:
             if config.api_keys:
                 keys = KeyRing.from_file(config.api_keys).merged(keys)
         self.keys = keys
+        paths = config.alert_rules or (
+            (str(default_rules_path()),) if default_rules_path().exists() else ()
+        )
+        self.alert_rules = RuleSource(paths)
         self.hub = ControlHub()
         self.governor: Governor | None = None
+        self.alerts: AlertEngine | None = None
+        self.alert_journal: AlertJournal | None = None
+        self.slack: SlackNotifier | None = None
+        self._alerts_api: AlertsApi | None = None
         self.audit_writer: audit.AuditWriter | None = None
         self.writer: SpanWriter | None = None
         self.analytics: Analytics | None = None
@@ -105,15 +121,18 @@ class Collector:
         receiver = OtlpHttpReceiver(self.writer, self.config.limits)
         api = QueryApi(self.analytics, self.governor, self.keys)
         gov_api = GovernorApi(self.governor, self.keys, self.hub, self.analytics, self.audit_writer)
+        assert self._alerts_api is not None
+        alerts_api = self._alerts_api
         writer = self.writer
         governor = self.governor
         hub = self.hub
         policy = self.policy
+        alert_rules = self.alert_rules
 
         @contextlib.asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
             hub.bind(asyncio.get_running_loop())
-            housekeeping = asyncio.create_task(self._housekeeping(governor, policy))
+            housekeeping = asyncio.create_task(self._housekeeping(governor, policy, alert_rules))
             try:
                 yield
             finally:
@@ -138,6 +157,7 @@ class Collector:
                 Route("/v1/traces", receiver.handle, methods=["POST"]),
                 Route("/healthz", health, methods=["GET"]),
                 *gov_api.routes(),
+                *alerts_api.routes(),
                 *api.routes(),
             ],
             lifespan=lifespan,
@@ -145,10 +165,13 @@ class Collector:
         return DecisionFastPath(app, gov_api)
 
     @staticmethod
-    async def _housekeeping(governor: Governor, policy: PolicySource) -> None:
-        """Expire approvals past their TTL; pick up policy file edits without a restart."""
+    async def _housekeeping(
+        governor: Governor, policy: PolicySource, alert_rules: RuleSource
+    ) -> None:
+        """Expire approvals past their TTL; pick up policy and rule edits without a restart."""
         ticks = 0
         reported: str | None = None
+        reported_rules: str | None = None
         while True:
             await asyncio.sleep(0.2)
             ticks += 1
@@ -162,6 +185,14 @@ class Collector:
                         if policy.last_error:
                             log.error("%s (the last good policy stays in force)", policy.last_error)
                         reported = policy.last_error
+                    if alert_rules.reload_if_changed():
+                        log.warning("alert rules reloaded from %s", alert_rules.paths)
+                    if alert_rules.last_error != reported_rules:
+                        if alert_rules.last_error:
+                            log.error(
+                                "%s (the last good rules stay in force)", alert_rules.last_error
+                            )
+                        reported_rules = alert_rules.last_error
             except Exception:
                 log.exception("governor housekeeping failed")
 
@@ -169,10 +200,16 @@ class Collector:
         store = self.config.store_config
         setup_client = prepare(store, self.rules)
         setup_client.close()
-        self.writer = SpanWriter(store, self.rules).start()
         self.analytics = Analytics(open_client(store))
         self.audit_writer = audit.AuditWriter(store).start()
-        self.governor = Governor(self.policy, self.rules, sink=self.audit_writer)
+        audit_writer = self.audit_writer
+
+        def sink(record: Record) -> None:
+            audit_writer(record)
+            if self.alerts is not None:
+                self.alerts.observe_record(record)
+
+        self.governor = Governor(self.policy, self.rules, sink=sink)
         self.governor.listeners.append(self.hub.publish)
         replay_client = open_client(store)
         try:
@@ -181,6 +218,9 @@ class Collector:
             replay_client.close()
         if replayed:
             log.info("governor state rebuilt from %d audit records", replayed)
+        self._open_alerts(store)
+        assert self.alerts is not None
+        self.writer = SpanWriter(store, self.rules, on_stored=self.alerts.observe_spans).start()
         # long-lived objects of the start-up (schema, clients, replayed state) leave the
         # collector's generations: full collections then stay short on the decision path
         gc.collect()
@@ -205,6 +245,36 @@ class Collector:
                 lifespan="on",
                 timeout_graceful_shutdown=10,
             )
+        )
+
+    def _open_alerts(self, store: StoreConfig) -> None:
+        assert self.governor is not None
+        journal = self.alert_journal = AlertJournal(store).start()
+
+        def journal_slack(notice: Notice, event: str, attempt: int, status: str) -> None:
+            journal.event(
+                notice.alert_id,
+                notice.session_id,
+                notice.rule,
+                notice.severity,
+                event,
+                attempt=attempt,
+                status=status,
+                message=notice.text,
+            )
+
+        self.slack = SlackNotifier.from_env(journal_slack)
+        if self.slack is not None:
+            self.slack.start()
+        self.alerts = AlertEngine(
+            self.alert_rules, self.rules, self.governor, journal, self.slack, store
+        ).start()
+        self._alerts_api = AlertsApi(self.alerts, open_client(store), self.keys)
+        log.info(
+            "%d alert rules from %s; Slack %s",
+            len(self.alert_rules.ruleset.rules),
+            ", ".join(str(p) for p in self.alert_rules.paths) or "(none)",
+            "configured" if self.slack is not None else "not configured",
         )
 
     def run(self) -> None:
@@ -270,6 +340,19 @@ class Collector:
             self._grpc = None
         if self.writer is not None:
             self.writer.close()
+        if self.alerts is not None:
+            self.alerts.drain(5)
+            self.alerts.close()
+            self.alerts = None
+        if self.slack is not None:
+            self.slack.close()
+            self.slack = None
+        if self.alert_journal is not None:
+            self.alert_journal.close()
+            self.alert_journal = None
+        if self._alerts_api is not None:
+            self._alerts_api.close()
+            self._alerts_api = None
         if self.audit_writer is not None:
             self.audit_writer.close()
             self.audit_writer = None

@@ -38,6 +38,8 @@ MESSAGE_FROM: Final = "agentgov.message.from"
 MESSAGE_TO: Final = "agentgov.message.to"
 MESSAGE_DIGEST: Final = "agentgov.message.digest"
 MESSAGE_SIZE: Final = "agentgov.message.size"
+MESSAGE_INJECTION: Final = "agentgov.message.injection"  # 0-100
+MESSAGE_INJECTION_SIGNALS: Final = "agentgov.message.injection.signals"
 
 # usage event, for spend recorded after a span started
 USAGE_EVENT: Final = "agentgov.usage"

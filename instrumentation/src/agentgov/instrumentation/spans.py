@@ -19,6 +19,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, Trac
 
 from agentgov.instrumentation import conventions as cv
 from agentgov.instrumentation.governor import Decision, GovernorClient, Stopped
+from agentgov.instrumentation.injection import score_message
 from agentgov.instrumentation.lineage import (
     Lineage,
     check_id,
@@ -379,15 +380,18 @@ class AgentSpan(_Scope):
         """Record a message this agent sends to another agent (content kept as a digest)."""
         data = content.encode("utf-8") if isinstance(content, str) else content
         if self.span is not None:
-            self.span.add_event(
-                cv.MESSAGE_EVENT,
-                {
-                    cv.MESSAGE_FROM: self.agent_id,
-                    cv.MESSAGE_TO: to,
-                    cv.MESSAGE_DIGEST: "sha256:" + hashlib.sha256(data).hexdigest(),
-                    cv.MESSAGE_SIZE: len(data),
-                },
-            )
+            # scored here: the text itself never leaves this process
+            scored = score_message(data.decode("utf-8", "replace"))
+            attrs: dict[str, Any] = {
+                cv.MESSAGE_FROM: self.agent_id,
+                cv.MESSAGE_TO: to,
+                cv.MESSAGE_DIGEST: "sha256:" + hashlib.sha256(data).hexdigest(),
+                cv.MESSAGE_SIZE: len(data),
+                cv.MESSAGE_INJECTION: scored.score,
+            }
+            if scored.signals:
+                attrs[cv.MESSAGE_INJECTION_SIGNALS] = scored.signals
+            self.span.add_event(cv.MESSAGE_EVENT, attrs)
 
     def usage(self, input_tokens: int = 0, output_tokens: int = 0, usd: float = 0.0) -> None:
         """Add model usage and spend to this agent (set on its span when it ends).
@@ -463,6 +467,9 @@ class ToolSpan(_Scope):
             attrs[cv.RISK_SCORE] = max(0, min(100, int(self.risk)))
         if lin.role:
             attrs[cv.AGENT_ROLE] = lin.role
+        if lin.permissions is not None:
+            # the caller's scope, so a command can be judged against it on its own
+            attrs[cv.PERMISSIONS] = lin.permissions
         self.span = agent._gov.tracer.start_span(
             f"execute_tool {self.tool_name}", context=agent.context, attributes=attrs
         )

@@ -10,9 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import queue
-import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +17,8 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 
 from agentgov.collector.governor.state import Record
-from agentgov.collector.store.connection import StoreConfig, open_client
+from agentgov.collector.store.connection import StoreConfig
+from agentgov.collector.store.json_rows import JsonRowWriter
 
 log = logging.getLogger(__name__)
 
@@ -138,88 +136,20 @@ def _record(row: Sequence[Any]) -> Record:
     )
 
 
-class AuditWriter:
-    """Batches decision records into ClickHouse on its own thread and client."""
+class AuditWriter(JsonRowWriter):
+    """Writes decision records behind the governor's answers."""
 
     def __init__(self, store: StoreConfig, interval_s: float = 0.05) -> None:
-        self._store = store
-        self._interval = interval_s
-        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._client: Client | None = None
-        self._cond = threading.Condition()
-        self._pending = 0
-        self.written = 0
-        self.failures = 0
+        super().__init__(store, DECISIONS, DECISIONS_TABLE, "decision records", interval_s)
 
     def start(self) -> AuditWriter:
-        self._client = open_client(self._store)
-        self._client.command(DECISIONS_TABLE)
-        self._thread = threading.Thread(target=self._run, name="agentgov-audit", daemon=True)
-        self._thread.start()
+        super().start()
         return self
 
     def __call__(self, record: Record) -> None:
         # serialized here, a few microseconds per decision, rather than in bursts on the
         # writer thread, which would stall the event loop for a whole batch at a time
-        line = _json_row(record)
-        with self._cond:
-            self._pending += 1
-        self._queue.put(line)
-
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every record handed over so far is written."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._pending == 0, timeout)
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self.flush()
-            self._queue.put(None)
-            self._thread.join(10)
-        if self._client is not None:
-            self._client.close()
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            # a short wait gathers the records of a burst into one insert
-            time.sleep(self._interval)
-            batch = [item]
-            stop = False
-            while True:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            self._write(batch)
-            with self._cond:
-                self._pending -= len(batch)
-                self._cond.notify_all()
-            if stop:
-                return
-
-    def _write(self, batch: list[str]) -> None:
-        assert self._client is not None
-        for attempt in range(5):
-            try:
-                block = "\n".join(batch).encode()
-                self._client.raw_insert(DECISIONS, insert_block=block, fmt="JSONEachRow")
-                self.written += len(batch)
-                return
-            except Exception:
-                self.failures += 1
-                log.exception(
-                    "writing %d decision records failed (try %d)", len(batch), attempt + 1
-                )
-                time.sleep(0.2 * (attempt + 1))
-        log.error("dropped %d decision records after 5 tries", len(batch))
+        self.put(_json_row(record))
 
 
 def load_records(client: Client, since_days: int = 30) -> Iterator[Record]:
@@ -253,15 +183,20 @@ class Verification:
         }
 
 
-def verify(client: Client, session_id: str) -> Verification:
-    """Check a session's chain: sequence without gaps, each hash right, each link right."""
+def session_records(client: Client, session_id: str) -> list[Record]:
+    """A session's stored records in sequence order."""
     rows = client.query(
         f"SELECT {SELECT_COLUMNS} FROM {DECISIONS} WHERE SessionId = {{s:String}} ORDER BY Seq",
         parameters={"s": session_id},
     ).result_rows
+    return [_record(row) for row in rows]
+
+
+def verify(client: Client, session_id: str) -> Verification:
+    """Check a session's chain: sequence without gaps, each hash right, each link right."""
+    rows = session_records(client, session_id)
     prev = ""
-    for n, row in enumerate(rows, start=1):
-        record = _record(row)
+    for n, record in enumerate(rows, start=1):
         if record.seq != n:
             return Verification(
                 session_id,

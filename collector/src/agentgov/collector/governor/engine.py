@@ -209,12 +209,65 @@ class Governor:
             return STOP, "session_killed"
         return STOP, "approval_expired" if approval.status == "expired" else "approval_denied"
 
-    def approvals(self, status: str | None = None) -> list[dict[str, Any]]:
+    def approvals(
+        self, status: str | None = None, include_escalated: bool = False
+    ) -> list[dict[str, Any]]:
+        """Approvals, newest last; those folded into a session-level approval only when
+        ``include_escalated`` (a reviewer decides the session-level one instead)."""
         with self._lock:
             self._expire_due()
             return [
-                a.public() for a in self._approvals.values() if status is None or a.status == status
+                a.public()
+                for a in self._approvals.values()
+                if (status is None or a.status == status)
+                and (include_escalated or not a.escalated_to or a.status != "pending")
             ]
+
+    def pending_approvals(self, session_id: str) -> list[Approval]:
+        """The session's per-request approvals still waiting for a reviewer."""
+        with self._lock:
+            return [
+                a
+                for a in self._approvals.values()
+                if a.session_id == session_id and a.status == "pending" and a.kind != "session"
+            ]
+
+    def escalate(self, session_id: str, actor: str, reason: str) -> str | None:
+        """Fold the session's pending approvals into one session-level approval.
+
+        Approving or denying it approves or denies every request it covers; each agent
+        waiting on its own approval then proceeds or stops as usual. Returns the new
+        approval's id, or None when nothing is pending.
+        """
+        with self._lock:
+            covers = [
+                a.approval_id
+                for a in self._approvals.values()
+                if a.session_id == session_id
+                and a.status == "pending"
+                and a.kind != "session"
+                and not a.escalated_to
+            ]
+            if not covers:
+                return None
+            aid = f"apr-{random.getrandbits(64):016x}"
+            self._record(
+                self._session(session_id),
+                APPROVAL,
+                "requested",
+                actor=actor,
+                reason=reason,
+                detail={
+                    "approval_id": aid,
+                    "kind": "session",
+                    "requester": actor,
+                    "request": {"covers": covers, "reason": reason},
+                    "expires": self._clock() + self.policy.approval_ttl_s,
+                },
+            )
+            payload = self._approvals[aid].public()
+        self._emit("approval", payload)
+        return aid
 
     def get_approval(self, approval_id: str) -> dict[str, Any]:
         with self._lock:
@@ -243,17 +296,34 @@ class Governor:
             ):
                 raise Forbidden("an agent cannot approve or deny its own request")
             state = self._session(approval.session_id)
+            outcome = "approved" if approve else "denied"
             self._record(
                 state,
                 APPROVAL,
-                "approved" if approve else "denied",
+                outcome,
                 from_agent=approval.requested_by,
                 actor=approver,
                 detail={"approval_id": approval_id, "comment": comment},
             )
-            payload = approval.public()
-        self._emit("approval", payload)
-        return payload
+            settled = [approval.public()]
+            for covered_id in (
+                approval.request.get("covers", ()) if approval.kind == "session" else ()
+            ):
+                covered = self._approvals.get(covered_id)
+                if covered is None or covered.status != "pending":
+                    continue
+                self._record(
+                    state,
+                    APPROVAL,
+                    outcome,
+                    from_agent=covered.requested_by,
+                    actor=approver,
+                    detail={"approval_id": covered_id, "comment": comment, "via": approval_id},
+                )
+                settled.append(covered.public())
+        for item in settled:
+            self._emit("approval", item)
+        return settled[0]
 
     def _expire(self, approval: Approval) -> None:
         self._record(

@@ -10,6 +10,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agentgov.collector.validation import problems
+
 
 class HighRiskDelegation(BaseModel):
     """Which delegations need a reviewer's approval before they run."""
@@ -79,18 +81,6 @@ class PolicyError(ValueError):
     """A policy file is missing or invalid; the message names the file, field and fix."""
 
 
-_HINTS = {
-    "extra_forbidden": "remove it, or check its spelling against the documented fields",
-    "literal_error": "use one of the values listed",
-    "greater_than_equal": "use a larger number",
-    "int_parsing": "use a whole number",
-    "float_parsing": "use a number",
-    "list_type": "use a YAML list, e.g. [a, b]",
-    "dict_type": "use a YAML mapping",
-    "bool_parsing": "use true or false",
-}
-
-
 def parse_policy(text: str, source: str) -> Policy:
     try:
         data = yaml.safe_load(text)
@@ -104,12 +94,7 @@ def parse_policy(text: str, source: str) -> Policy:
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            field = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            hint = _HINTS.get(err["type"], "")
-            problems.append(f"{field}: {err['msg']}" + (f" ({hint})" if hint else ""))
-        raise PolicyError(f"{source}: invalid policy: " + "; ".join(problems)) from exc
+        raise PolicyError(f"{source}: invalid policy: " + "; ".join(problems(exc))) from exc
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:

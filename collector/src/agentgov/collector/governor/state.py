@@ -97,7 +97,7 @@ class AgentState:
 class Approval:
     approval_id: str
     session_id: str
-    kind: str  # "handoff" or "tool"
+    kind: str  # "handoff", "tool", or "session" (folds a session's pending approvals)
     requested_by: str  # agent id
     requester: str  # API key name of the caller, "" when keys are off
     request: dict[str, Any]
@@ -107,6 +107,8 @@ class Approval:
     approver: str = ""
     comment: str = ""
     decided_at: float | None = None
+    #: the session-level approval this one was folded into
+    escalated_to: str = ""
 
     def public(self) -> dict[str, Any]:
         return asdict(self)
@@ -222,6 +224,9 @@ def apply(state: SessionState, record: Record, approvals: dict[str, Approval]) -
                 created=record.time,
                 expires=float(d.get("expires", record.time)),
             )
+            for covered in d.get("request", {}).get("covers", ()):
+                if covered in approvals:
+                    approvals[covered].escalated_to = aid
         elif aid in approvals:
             approval = approvals[aid]
             approval.status = record.outcome

@@ -23,6 +23,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -114,6 +115,9 @@ class _Item:
     payload: bytes
     spans: int
     trace_ids: tuple[str, ...] = ()
+    #: what ``on_stored`` is given once the request is durable (the parsed request)
+    parsed: object | None = None
+    received: float = 0.0
     future: Future[int] = field(default_factory=Future)
     size: int = 0
 
@@ -151,8 +155,12 @@ class SpanWriter:
         max_queue_bytes: int = 512 << 20,
         remembered_requests: int = 500_000,
         receipt_window_s: int = 6 * 3600,
+        on_stored: Callable[[object, float], None] | None = None,
     ) -> None:
+        """``on_stored(parsed, received_at)`` runs once per stored request (never for a
+        duplicate), after its sender was answered; it must not block."""
         self._config = config
+        self._on_stored = on_stored
         self._rules = rules or RiskRules.default()
         self._max_batch_bytes = max_batch_bytes
         self._linger_s = linger_s
@@ -234,8 +242,15 @@ class SpanWriter:
 
     # -- submission ----------------------------------------------------------------------
 
-    def submit(self, payload: bytes, spans: int, trace_ids: tuple[str, ...] = ()) -> Future[int]:
+    def submit(
+        self,
+        payload: bytes,
+        spans: int,
+        trace_ids: tuple[str, ...] = (),
+        parsed: object | None = None,
+    ) -> Future[int]:
         """Queue one validated request; the future gives the spans written (0: duplicate)."""
+        received = time.time()
         digest = request_digest(payload)
         with self._lock:
             if self._closed:
@@ -253,7 +268,7 @@ class SpanWriter:
                 raise WriterOverloaded(
                     "the write queue is full; retry with backoff (OTLP exporters do this)"
                 )
-            item = _Item(digest, payload, spans, trace_ids)
+            item = _Item(digest, payload, spans, trace_ids, parsed, received)
             self._inflight[digest] = item
             self._queued_bytes += len(payload)
         self._queue.put(item)
@@ -392,6 +407,13 @@ class SpanWriter:
                 item.future.set_result(item.spans)
             else:
                 item.future.set_exception(exc)
+        if exc is None and self._on_stored is not None:
+            for item in batch:
+                if item.parsed is not None:
+                    try:
+                        self._on_stored(item.parsed, item.received)
+                    except Exception:
+                        log.exception("a stored-spans observer failed")
 
     def _repair(self, client: Client, item: _Item) -> None:
         """After a failed insert: fix derived tables, then keep only spans not yet stored."""

@@ -1,0 +1,590 @@
+"""Where alert rules are evaluated and acted on, inside the collector.
+
+Stored spans (handed over by the span writer once durable) and governor decisions (handed
+over as they are made) go into one bounded queue; one thread turns them into facts,
+updates the live session aggregates and evaluates the ``span``, ``decision`` and
+``session`` rules of the sessions they touched. ``sql`` rules run on a second thread with
+their own ClickHouse client. A firing rule acts at once: ``stop`` is an ordinary kill with
+the rule as actor (so it propagates exactly like a person's), ``approval_required`` folds
+the session's pending approvals into one, ``slack`` queues a notification. Every firing,
+throttled repeat and delivery is journaled in ``agentgov_alerts``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from agentgov.collector.alerts.facts import SpanFact, decision_fields, span_facts
+from agentgov.collector.alerts.journal import AlertJournal, last_fired
+from agentgov.collector.alerts.live import LiveSession
+from agentgov.collector.alerts.rules import AlertRule, Condition, RuleSource
+from agentgov.collector.alerts.slack import DROPPED, Notice, SlackNotifier
+from agentgov.collector.governor.engine import Governor
+from agentgov.collector.governor.state import Record
+from agentgov.collector.risk import RiskRules
+from agentgov.collector.store.connection import StoreConfig, open_client
+
+log = logging.getLogger(__name__)
+
+FIRED, THROTTLED, STOPPED, APPROVAL_REQUESTED = (
+    "fired",
+    "throttled",
+    "stopped",
+    "approval_requested",
+)
+
+
+def holds(cond: Condition, ctx: Mapping[str, Any]) -> bool:
+    """Whether one condition holds; a field without a value never matches."""
+    value = ctx.get(cond.field)
+    if value is None:
+        return False
+    want = cond.value
+    op = cond.op
+    try:
+        if op == "==":
+            return bool(value == want)
+        if op == "!=":
+            return bool(value != want)
+        if op == ">":
+            return bool(value > want)
+        if op == ">=":
+            return bool(value >= want)
+        if op == "<":
+            return bool(value < want)
+        if op == "<=":
+            return bool(value <= want)
+        if op == "in":
+            return value in want  # type: ignore[operator]
+        if op == "not_in":
+            return value not in want  # type: ignore[operator]
+        if op == "contains":
+            return want in value
+        if op == "contains_any":
+            return any(w in value for w in want)  # type: ignore[union-attr]
+        if op == "matches":
+            return re.search(str(want), str(value)) is not None
+    except TypeError:
+        return False
+    return False
+
+
+def matches(rule: AlertRule, ctx: Mapping[str, Any]) -> bool:
+    return all(holds(c, ctx) for c in rule.when)
+
+
+class _TemplateValues(dict[str, str]):
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+def _text(key: str, value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "∞"
+        return f"{value:.2f}".rstrip("0").rstrip(".")
+    if isinstance(value, (list, tuple)):
+        return (" -> " if key == "chain" else ", ").join(str(v) for v in value) or "(none)"
+    return str(value)
+
+
+def render(template: str, ctx: Mapping[str, Any]) -> str:
+    """A rule's message with its fields filled in (lists joined, numbers rounded)."""
+    return template.format_map(_TemplateValues({k: _text(k, v) for k, v in ctx.items()}))
+
+
+@dataclass
+class Firing:
+    """A rule that fired (or, in a dry run, would fire) on a session."""
+
+    rule: str
+    severity: str
+    session_id: str
+    actions: list[str]
+    message: str
+    values: dict[str, Any]
+    alert_id: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "severity": self.severity,
+            "session_id": self.session_id,
+            "actions": self.actions,
+            "message": self.message,
+            "values": self.values,
+            "alert_id": self.alert_id or None,
+        }
+
+
+@dataclass
+class EngineStats:
+    events: int = 0
+    facts: int = 0
+    fired: int = 0
+    throttled: int = 0
+    stops: int = 0
+    #: observations dropped because the engine's queue was full (SQL rules still see them)
+    overflow: int = 0
+    sql_runs: int = 0
+    sql_errors: dict[str, str] = field(default_factory=dict)
+
+
+_Item = tuple[str, Any, float]  # ("spans" | "record", payload, received at)
+
+
+class AlertEngine:
+    """Live evaluation of alert rules; see the module docstring."""
+
+    def __init__(
+        self,
+        rules: RuleSource,
+        risk: RiskRules,
+        governor: Governor,
+        journal: AlertJournal | None = None,
+        notifier: SlackNotifier | None = None,
+        store: StoreConfig | None = None,
+        queue_size: int = 100_000,
+        idle_s: float = 6 * 3600,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.source = rules
+        self._risk = risk
+        self._governor = governor
+        self._journal = journal
+        self._notifier = notifier
+        self._store = store
+        self._clock = clock
+        self._idle_s = idle_s
+        self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_size)
+        self._sessions: dict[str, LiveSession] = {}
+        self._last: dict[tuple[str, str], float] = {}
+        self._suppressed: dict[tuple[str, str], int] = {}
+        self._fire_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.stats = EngineStats()
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> AlertEngine:
+        if self._store is not None:
+            client = open_client(self._store)
+            try:
+                longest = max((r.throttle_s for r in self.source.ruleset.rules), default=0.0)
+                if longest > 0:
+                    self._last.update(last_fired(client, longest))
+            finally:
+                client.close()
+        self._threads = [threading.Thread(target=self._run, name="agentgov-alerts", daemon=True)]
+        if self._store is not None:
+            self._threads.append(
+                threading.Thread(target=self._run_sql, name="agentgov-alerts-sql", daemon=True)
+            )
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        for thread in self._threads:
+            thread.join(10)
+        self._threads = []
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait until everything observed so far is evaluated (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    # -- inputs (never block) ------------------------------------------------------------
+
+    def _offer(self, item: _Item) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self.stats.overflow += 1
+
+    def observe_spans(self, parsed: object, received_at: float) -> None:
+        """The span writer's ``on_stored`` hook: a request's spans are durable."""
+        self._offer(("spans", parsed, received_at))
+
+    def observe_record(self, record: Record) -> None:
+        """A governor decision was just made."""
+        self._offer(("record", record, self._clock()))
+
+    # -- live evaluation -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        last_sweep = time.monotonic()
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                item = ("idle", None, 0.0)
+            if item is None:
+                self._queue.task_done()
+                return
+            batch = [item]
+            while len(batch) < 512:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.task_done()
+                    self._stop.set()
+                    break
+                batch.append(nxt)
+            try:
+                self._evaluate(batch)
+            except Exception:
+                log.exception("alert evaluation failed")
+            finally:
+                for entry in batch:
+                    if entry[0] != "idle":
+                        self._queue.task_done()
+            if self._stop.is_set() and self._queue.empty():
+                return
+            if time.monotonic() - last_sweep > 60:
+                last_sweep = time.monotonic()
+                self._sweep()
+
+    def _session(self, session_id: str) -> LiveSession:
+        live = self._sessions.get(session_id)
+        if live is None:
+            live = self._sessions[session_id] = LiveSession(session_id)
+        return live
+
+    def _evaluate(self, batch: list[_Item]) -> None:
+        ruleset = self.source.ruleset
+        span_rules = ruleset.by_source("span")
+        decision_rules = ruleset.by_source("decision")
+        session_rules = ruleset.by_source("session")
+        touched: dict[str, float] = {}
+        for kind, payload, received in batch:
+            if kind == "spans":
+                assert isinstance(payload, ExportTraceServiceRequest)
+                self.stats.events += 1
+                for fact in span_facts(payload, self._risk):
+                    self.stats.facts += 1
+                    live = self._session(fact.session_id)
+                    live.add_span(fact)
+                    touched.setdefault(fact.session_id, received)
+                    if span_rules and not self._governor.is_killed(fact.session_id):
+                        ctx = fact.fields()
+                        for rule in span_rules:
+                            if matches(rule, ctx):
+                                self._fire(rule, fact.session_id, ctx, received)
+            elif kind == "record":
+                assert isinstance(payload, Record)
+                self.stats.events += 1
+                record = payload
+                live = self._session(record.session_id)
+                if record.phase == "pre_handoff" and record.outcome == "allow":
+                    live.spawn(record.from_agent, record.to_agent, record.time)
+                touched.setdefault(record.session_id, received)
+                if decision_rules:
+                    chain = live.chain_of(record.to_agent or record.from_agent)
+                    ctx = decision_fields(record, chain)
+                    for rule in decision_rules:
+                        if matches(rule, ctx):
+                            self._fire(rule, record.session_id, ctx, received)
+        if session_rules:
+            for session_id, received in touched.items():
+                if not self._governor.is_killed(session_id):
+                    self._evaluate_session(session_rules, self._sessions[session_id], received)
+
+    def session_context(self, live: LiveSession) -> dict[str, Any]:
+        """A session's rule fields: live aggregates merged with the governor's state."""
+        gov = self._governor
+        p = gov.policy
+        pending = gov.pending_approvals(live.session_id)
+        pending_risks = [
+            self._risk.assess(
+                str(a.request.get("command", "")), [str(r) for r in a.request.get("resources", ())]
+            ).score
+            for a in pending
+            if a.kind == "tool"
+        ]
+        limits: dict[str, float | None] = {
+            "shared_max_usd": p.shared_max_usd,
+            "shared_max_tool_calls": p.shared_max_tool_calls,
+            "max_delegation_depth": p.max_delegation_depth,
+            "max_handoffs": p.max_handoffs,
+        }
+        return live.context(gov.session(live.session_id), limits, pending_risks, len(pending))
+
+    def _evaluate_session(
+        self, rules: Iterable[AlertRule], live: LiveSession, received: float, dry: bool = False
+    ) -> list[Firing]:
+        base = self.session_context(live)
+        fanouts: dict[float, tuple[int, str]] = {}
+        out = []
+        for rule in rules:
+            if rule.window_s not in fanouts:
+                fanouts[rule.window_s] = live.fanout(rule.window_s)
+            count, agent = fanouts[rule.window_s]
+            ctx = {**base, "fanout": count, "fanout_agent": agent}
+            if agent:
+                ctx["chain"] = list(live.chain_of(agent)) or ctx["chain"]
+            if matches(rule, ctx):
+                firing = self._fire(rule, live.session_id, ctx, received, dry=dry)
+                if firing is not None:
+                    out.append(firing)
+        return out
+
+    # -- firing --------------------------------------------------------------------------
+
+    def _fire(
+        self,
+        rule: AlertRule,
+        session_id: str,
+        ctx: Mapping[str, Any],
+        received: float,
+        dry: bool = False,
+    ) -> Firing | None:
+        values = {
+            **{c.field: ctx.get(c.field) for c in rule.when},
+            "chain": list(ctx.get("chain") or []),
+        }
+        full = {
+            **ctx,
+            "rule": rule.name,
+            "severity": rule.severity,
+            "session_id": session_id,
+            "window_s": round(rule.window_s),
+        }
+        message = render(rule.message, full)
+        if dry:
+            return Firing(rule.name, rule.severity, session_id, list(rule.actions), message, values)
+        now = self._clock()
+        key = (rule.name, session_id)
+        with self._fire_lock:
+            last = self._last.get(key)
+            if last is not None and now - last < rule.throttle_s:
+                self.stats.throttled += 1
+                n = self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                if n == 1 and self._journal is not None:  # once per throttle window
+                    self._journal.event(
+                        "",
+                        session_id,
+                        rule.name,
+                        rule.severity,
+                        THROTTLED,
+                        message=message,
+                        detail={"values": values, "last_fired": last},
+                    )
+                return None
+            self._last[key] = now
+            suppressed = self._suppressed.pop(key, 0)
+        self.stats.fired += 1
+        alert_id = f"alr-{random.getrandbits(64):016x}"
+        firing = Firing(
+            rule.name, rule.severity, session_id, list(rule.actions), message, values, alert_id
+        )
+        journal = self._journal
+        if journal is not None:
+            journal.event(
+                alert_id,
+                session_id,
+                rule.name,
+                rule.severity,
+                FIRED,
+                actions=rule.actions,
+                message=message,
+                detail={
+                    "values": values,
+                    "received_at": received,
+                    "fired_at": now,
+                    "suppressed_before": suppressed,
+                },
+            )
+        for action in rule.actions:
+            try:
+                self._act(action, rule, firing, journal)
+            except Exception as exc:
+                log.exception("alert %s: action %s failed", rule.name, action)
+                if journal is not None:
+                    journal.event(
+                        alert_id,
+                        session_id,
+                        rule.name,
+                        rule.severity,
+                        f"{action}_failed",
+                        status=str(exc),
+                    )
+        return firing
+
+    def _act(
+        self, action: str, rule: AlertRule, firing: Firing, journal: AlertJournal | None
+    ) -> None:
+        sid = firing.session_id
+        actor = f"alert:{rule.name}"
+        if action == "stop":
+            if self._governor.is_killed(sid):
+                status = "already killed"
+            else:
+                self._governor.kill(sid, actor=actor, reason=rule.name)
+                self.stats.stops += 1
+                status = "killed"
+            if journal is not None:
+                journal.event(
+                    firing.alert_id, sid, rule.name, rule.severity, STOPPED, status=status
+                )
+        elif action == "approval_required":
+            approval_id = self._governor.escalate(sid, actor=actor, reason=rule.name)
+            if journal is not None:
+                journal.event(
+                    firing.alert_id,
+                    sid,
+                    rule.name,
+                    rule.severity,
+                    APPROVAL_REQUESTED,
+                    status=approval_id or "nothing pending",
+                    detail={"approval_id": approval_id},
+                )
+        elif action == "slack":
+            notice = Notice(
+                alert_id=firing.alert_id,
+                session_id=sid,
+                rule=rule.name,
+                severity=rule.severity,
+                text=firing.message,
+                reason=str(firing.values.get("reason") or rule.description or rule.name),
+                chain=tuple(str(a) for a in firing.values.get("chain", ())),
+                actions=tuple(rule.actions),
+            )
+            if self._notifier is not None:
+                self._notifier.notify(notice)
+            elif journal is not None:
+                journal.event(
+                    firing.alert_id,
+                    sid,
+                    rule.name,
+                    rule.severity,
+                    DROPPED,
+                    status="Slack is not configured: set AGENTGOV_SLACK_WEBHOOK_URL, or "
+                    "AGENTGOV_SLACK_BOT_TOKEN and AGENTGOV_SLACK_CHANNEL",
+                )
+
+    def _sweep(self) -> None:
+        """Forget sessions idle past ``idle_s`` and throttles past their window."""
+        now = self._clock()
+        for sid in [s for s, live in self._sessions.items() if now - live.last_seen > self._idle_s]:
+            del self._sessions[sid]
+        longest = max((r.throttle_s for r in self.source.ruleset.rules), default=0.0)
+        with self._fire_lock:
+            for key in [k for k, t in self._last.items() if now - t > longest]:
+                del self._last[key]
+                self._suppressed.pop(key, None)
+
+    # -- SQL rules -----------------------------------------------------------------------
+
+    def _run_sql(self) -> None:
+        assert self._store is not None
+        client = open_client(self._store)
+        due: dict[str, float] = {}
+        try:
+            while not self._stop.wait(0.2):
+                now = time.monotonic()
+                for rule in self.source.ruleset.by_source("sql"):
+                    if now < due.get(rule.name, 0.0):
+                        continue
+                    due[rule.name] = now + rule.interval_s
+                    try:
+                        rows = self._query(client, rule)
+                    except Exception as exc:
+                        self.stats.sql_errors[rule.name] = str(exc).splitlines()[0][:500]
+                        continue
+                    self.stats.sql_runs += 1
+                    self.stats.sql_errors.pop(rule.name, None)
+                    received = self._clock()
+                    for row in rows:
+                        if not self._governor.is_killed(str(row["session_id"])):
+                            self._fire(rule, str(row["session_id"]), row, received)
+        finally:
+            client.close()
+
+    @staticmethod
+    def _query(client: Any, rule: AlertRule, session_id: str | None = None) -> list[dict[str, Any]]:
+        assert rule.sql is not None
+        sql = rule.sql.strip().rstrip(";")
+        params: dict[str, Any] = {"window_s": int(rule.window_s)}
+        if session_id is not None:
+            # the rule file's own SQL (an admin's), narrowed to one bound session
+            sql = f"SELECT * FROM ({sql}) WHERE session_id = {{agentgov_session:String}}"  # noqa: S608
+            params["agentgov_session"] = session_id
+        result = client.query(sql, parameters=params, settings={"max_execution_time": 10})
+        # an empty result may come without column names (chDB): nothing to check then
+        if result.result_rows and "session_id" not in result.column_names:
+            raise ValueError(f"rule {rule.name}: the query must return a session_id column")
+        names = result.column_names
+        return [dict(zip(names, row, strict=True)) for row in result.result_rows]
+
+    # -- dry runs ------------------------------------------------------------------------
+
+    def dry_run(
+        self,
+        session_id: str,
+        facts: Iterable[SpanFact],
+        records: Iterable[Record],
+        client: Any = None,
+    ) -> list[Firing]:
+        """Which rules would fire on a stored session, replayed in time order; acts on
+        nothing and journals nothing. Each rule is reported once, at its first firing."""
+        ruleset = self.source.ruleset
+        live = LiveSession(session_id)
+        events: list[tuple[float, Any]] = [(f.time, f) for f in facts]
+        events += [(r.time, r) for r in records]
+        events.sort(key=lambda e: e[0])
+        found: dict[str, Firing] = {}
+
+        def keep(firing: Firing | None) -> None:
+            if firing is not None and firing.rule not in found:
+                found[firing.rule] = firing
+
+        session_rules = ruleset.by_source("session")
+        for _, event in events:
+            if isinstance(event, SpanFact):
+                live.add_span(event)
+                ctx = event.fields()
+                for rule in ruleset.by_source("span"):
+                    if matches(rule, ctx):
+                        keep(self._fire(rule, session_id, ctx, 0.0, dry=True))
+            else:
+                if event.phase == "pre_handoff" and event.outcome == "allow":
+                    live.spawn(event.from_agent, event.to_agent, event.time)
+                ctx = decision_fields(event, live.chain_of(event.to_agent or event.from_agent))
+                for rule in ruleset.by_source("decision"):
+                    if matches(rule, ctx):
+                        keep(self._fire(rule, session_id, ctx, 0.0, dry=True))
+            for firing in self._evaluate_session(session_rules, live, 0.0, dry=True):
+                keep(firing)
+        if client is not None:
+            for rule in ruleset.by_source("sql"):
+                for row in self._query(client, rule, session_id):
+                    keep(self._fire(rule, session_id, row, 0.0, dry=True))
+        return list(found.values())
