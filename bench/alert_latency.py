@@ -54,7 +54,11 @@ def live_sessions(url: str, stop: threading.Event) -> list[str]:
     """Open SESSIONS sessions, then keep adding harmless spans to them until ``stop``."""
     provider = TracerProvider()
     provider.add_span_processor(
-        BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{url}/v1/traces"), max_export_batch_size=512)
+        BatchSpanProcessor(
+            OTLPSpanExporter(endpoint=f"{url}/v1/traces"),
+            max_export_batch_size=512,
+            max_queue_size=16384,
+        )
     )
     gov = Governance(provider)
     ids = [f"live-{uuid.uuid4().hex[:12]}" for _ in range(SESSIONS)]
