@@ -94,3 +94,21 @@ def decisions_table(rows: list[dict[str, Any]]) -> str:
             f"  {r['seq']:>3} {r['phase']:<13} {r['outcome']:<18} {r['reason'] or '':<25} {route:<50}"
         )
     return "\n".join(lines)
+
+
+def alerts_table(events: list[dict[str, Any]]) -> str:
+    """One line per alert that fired, with what each of its actions did."""
+    outcomes: dict[str, list[str]] = defaultdict(list)
+    for e in events:
+        if e["event"] in ("stopped", "approval_requested", "slack_sent", "slack_dropped"):
+            what = e["event"].replace("_", " ")
+            outcomes[e["alert_id"]].append(f"{what}: {e['status']}" if e["status"] else what)
+    fired = sorted((e for e in events if e["event"] == "fired"), key=lambda e: e["time"])
+    if not fired:
+        return "  (no rule fired)"
+    lines = []
+    for e in fired:
+        lines.append(f"  {e['rule']} ({e['severity']}): {e['message']}")
+        for outcome in outcomes.get(e["alert_id"], []):
+            lines.append(f"      → {outcome}")
+    return "\n".join(lines)

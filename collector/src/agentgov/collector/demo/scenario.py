@@ -254,6 +254,15 @@ def _report(
         f"  session status {summary['status']}; audit chain of {verify['records']} "
         f"decision records {'intact' if verify['ok'] else 'BROKEN'}\n"
     )
+    click.secho("Alert rules that fired on the live data (alerts/):", bold=True)
+    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # the engine acts within milliseconds of the data
+        events = api.alerts(session_id, limit=200)
+        if any(e["event"] == "fired" for e in events):
+            break
+        time.sleep(0.1)
+    click.echo(render.alerts_table(events) + "\n")
     click.echo(f"Done in {time.monotonic() - started:.1f}s. Browse it again with:")
     click.echo(f"  agentgov collector &   then   agentgov graph {session_id}")
 
