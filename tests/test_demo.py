@@ -100,5 +100,14 @@ def test_demo_traces_the_rm_rf_back_to_the_human_instruction(tmp_path: Path) -> 
     assert "a new agent was refused at start: session_killed" in governor
     assert re.search(r"session status killed; audit chain of \d+ decision records intact", governor)
 
+    # the shipped alert rules saw the stopped handoff and the handoff budget running out
+    alerts = out.split("Alert rules that fired on the live data (alerts/):")[1]
+    assert re.search(
+        r"delegation_stopped \(warning\): 🛑 Multi-Agent run sess-\w+ stopped: "
+        r"handoff_budget_exceeded, handoff=orchestrator-\w+ -> cleanup-db-\w+",
+        alerts,
+    )
+    assert "handoffs_near_limit (warning)" in alerts
+
     # nothing left running: no child of this test process is still alive
     assert _children_of(os.getpid()) == set()
