@@ -11,6 +11,7 @@ import click
 
 from agentgov.collector import render
 from agentgov.collector.client import ApiError, CollectorClient
+from agentgov.collector.dashboards.cli import dashboards
 from agentgov.collector.receiver.decode import Limits
 
 
@@ -382,6 +383,8 @@ def demo(store: str | None, http_port: int) -> None:
 
     run_demo(store, http_port)
 
+
+main.add_command(dashboards)
 
 if __name__ == "__main__":
     sys.exit(main())
