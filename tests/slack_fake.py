@@ -3,7 +3,8 @@
 Slack cannot be reached from the tests, so this stands in for it on 127.0.0.1:
 incoming webhooks (``POST /services/...``, answers ``ok``) and ``chat.postMessage``
 (``POST /api/chat.postMessage`` with a bot token, answers ``{"ok": true, ...}``).
-Failures are scripted: queue ``(status, headers, delay_s)`` answers with :meth:`script`.
+Failures are scripted: queue ``(status, headers, delay_s)`` answers with :meth:`script`,
+or answer by content with ``responder(body)`` (None: the default 200).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -31,6 +33,7 @@ class SlackRequest:
 class FakeSlack:
     token: str = "xoxb-test-token-0000"
     requests: list[SlackRequest] = field(default_factory=list)
+    responder: Callable[[dict[str, Any]], tuple[int, dict[str, str], float] | None] | None = None
     _script: deque[tuple[int, dict[str, str], float]] = field(default_factory=deque)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
@@ -53,9 +56,11 @@ class FakeSlack:
                     if isinstance(body.get("blocks"), str):
                         body["blocks"] = json.loads(body["blocks"])
                 with fake._lock:
-                    status, headers, delay = (
-                        fake._script.popleft() if fake._script else (200, {}, 0.0)
-                    )
+                    if fake._script:
+                        status, headers, delay = fake._script.popleft()
+                    else:
+                        answer = fake.responder(body) if fake.responder else None
+                        status, headers, delay = answer or (200, {}, 0.0)
                 if delay:
                     time.sleep(delay)
                 if self.path.startswith("/api/"):

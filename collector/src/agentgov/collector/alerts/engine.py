@@ -293,7 +293,7 @@ class AlertEngine:
                     live = self._session(fact.session_id)
                     live.add_span(fact)
                     touched.setdefault(fact.session_id, received)
-                    if span_rules and not self._governor.is_killed(fact.session_id):
+                    if span_rules and self._before_any_kill(live, fact.time):
                         ctx = fact.fields()
                         for rule in span_rules:
                             if matches(rule, ctx):
@@ -303,6 +303,8 @@ class AlertEngine:
                 self.stats.events += 1
                 record = payload
                 live = self._session(record.session_id)
+                if record.phase == "kill" and live.killed_at is None:
+                    live.killed_at = record.time
                 if record.phase == "pre_handoff" and record.outcome == "allow":
                     live.spawn(record.from_agent, record.to_agent, record.time)
                 touched.setdefault(record.session_id, received)
@@ -316,6 +318,14 @@ class AlertEngine:
             for session_id, received in touched.items():
                 if not self._governor.is_killed(session_id):
                     self._evaluate_session(session_rules, self._sessions[session_id], received)
+
+    def _before_any_kill(self, live: LiveSession, at: float) -> bool:
+        """Whether a span that happened at ``at`` is still judged: spans usually reach the
+        collector when they end, after a kill that stopped their session; what happened
+        before the kill is judged, what ran on after it is the kill's business."""
+        if not self._governor.is_killed(live.session_id):
+            return True
+        return live.killed_at is not None and at <= live.killed_at
 
     def session_context(self, live: LiveSession) -> dict[str, Any]:
         """A session's rule fields: live aggregates merged with the governor's state."""

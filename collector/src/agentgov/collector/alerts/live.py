@@ -44,6 +44,8 @@ class LiveSession:
     tool_calls: int = 0
     usd: dict[str, float] = field(default_factory=dict)  # per agent, from agent spans
     injections: int = 0
+    #: when the session was killed (its first kill record), as seen by the engine
+    killed_at: float | None = None
     #: the agent chain of the latest fact, for alert texts
     last_chain: tuple[str, ...] = ()
     last_agent: str = ""
