@@ -225,12 +225,22 @@ class RiskRules:
         return f"arrayFilter((n, h) -> h = 1, CAST({names}, 'Array(String)'), {hits})"
 
 
+def risk_log_term(score: int) -> float:
+    """One command's term of the session risk's log-sum (capped at 99.5, as in SQL)."""
+    return math.log1p(-min(score, 99.5) / 100.0)
+
+
+def risk_from_log_sum(log_sum: float) -> int:
+    """Session risk, 0-100, from the sum of its commands' :func:`risk_log_term`."""
+    return round(100 * (1 - math.exp(log_sum)))
+
+
 def combine_session_risk(scores: Sequence[int]) -> int:
     """Session risk from command risks: the chance that at least one command is harmful,
     treating each score as an independent probability (noisy-OR), on 0-100.
 
     Mirrors the SQL aggregate (``RiskLogSum`` in the sessions table): many moderately
-    risky commands raise a session above any single one of them.
+    risky commands raise a session above any single one of them. Kept as a running
+    log-sum (:func:`risk_log_term`), it costs O(1) per command.
     """
-    log_sum = sum(math.log1p(-min(s, 99.5) / 100.0) for s in scores)
-    return round(100 * (1 - math.exp(log_sum)))
+    return risk_from_log_sum(sum(risk_log_term(s) for s in scores))

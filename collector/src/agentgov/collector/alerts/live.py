@@ -14,14 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentgov.collector.alerts.facts import AGENT, MESSAGE, TOOL, SpanFact
-
-#: as in the stored session aggregate (noisy-OR, see risk.combine_session_risk): a score
-#: of 100 would make the log-sum infinite
-_MAX_P = 0.995
-
-
-def _log1m(score: int) -> float:
-    return math.log1p(-min(score / 100.0, _MAX_P))
+from agentgov.collector.risk import risk_from_log_sum, risk_log_term
 
 
 @dataclass
@@ -39,6 +32,7 @@ class LiveSession:
     agents: dict[str, _Agent] = field(default_factory=dict)
     #: parent agent -> child agent -> when it was spawned (first seen)
     children: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: noisy-OR log-sum of executed command risks, as the stored session aggregate keeps
     risk_log_sum: float = 0.0
     max_command_risk: int = 0
     tool_calls: int = 0
@@ -69,7 +63,7 @@ class LiveSession:
             self.last_agent = fact.agent_id
         if fact.kind == TOOL:
             self.tool_calls += 1
-            self.risk_log_sum += _log1m(fact.risk)
+            self.risk_log_sum += risk_log_term(fact.risk)
             self.max_command_risk = max(self.max_command_risk, fact.risk)
         elif fact.kind == AGENT:
             if fact.usd:
@@ -104,8 +98,8 @@ class LiveSession:
     ) -> dict[str, Any]:
         """The ``session`` rule fields (without the windowed ``fanout``)."""
         g = governed or {}
-        log_sum = self.risk_log_sum + sum(_log1m(r) for r in pending_risks)
-        risk = round(100 * (1 - math.exp(log_sum)))
+        log_sum = self.risk_log_sum + sum(risk_log_term(r) for r in pending_risks)
+        risk = risk_from_log_sum(log_sum)
         handoffs = max(
             int(g.get("governed_handoffs", 0)),
             sum(1 for a in self.agents.values() if a.parent),

@@ -226,11 +226,11 @@ class Governor:
     def pending_approvals(self, session_id: str) -> list[Approval]:
         """The session's per-request approvals still waiting for a reviewer."""
         with self._lock:
-            return [
-                a
-                for a in self._approvals.values()
-                if a.session_id == session_id and a.status == "pending" and a.kind != "session"
-            ]
+            state = self._sessions.get(session_id)
+            if state is None:
+                return []
+            found = (self._approvals.get(aid) for aid in state.approval_ids)
+            return [a for a in found if a and a.status == "pending" and a.kind != "session"]
 
     def escalate(self, session_id: str, actor: str, reason: str) -> str | None:
         """Fold the session's pending approvals into one session-level approval.

@@ -13,6 +13,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from agentgov.collector.risk import risk_from_log_sum, risk_log_term
+
 # phases of audit records
 PRE_HANDOFF = "pre_handoff"
 POST_HANDOFF = "post_handoff"
@@ -124,7 +126,10 @@ class SessionState:
     killed: bool = False
     kill_actor: str = ""
     kill_reason: str = ""
-    decided_risks: list[int] = field(default_factory=list)
+    #: running noisy-OR log-sum of the risks of allowed tool calls
+    decided_risk_log_sum: float = 0.0
+    #: this session's approvals (ids), so per-session lookups skip everyone else's
+    approval_ids: list[str] = field(default_factory=list)
     seq: int = 0
     last_hash: str = ""
 
@@ -138,8 +143,6 @@ class SessionState:
         return sum(max(a.estimated_usd, a.spent_usd) for a in self.agents.values())
 
     def summary(self) -> dict[str, Any]:
-        from agentgov.collector.risk import combine_session_risk
-
         return {
             "session_id": self.session_id,
             "status": "killed" if self.killed else "active",
@@ -150,7 +153,7 @@ class SessionState:
             "governed_handoffs": self.handoffs,
             "budget_usd": round(self.usd, 6),
             "governed_tool_calls": self.tool_calls,
-            "decided_risk": combine_session_risk(self.decided_risks),
+            "decided_risk": risk_from_log_sum(self.decided_risk_log_sum),
             "decisions": self.seq,
         }
 
@@ -186,7 +189,7 @@ def apply(state: SessionState, record: Record, approvals: dict[str, Approval]) -
             state.owners[record.task] = record.to_agent
     elif record.phase == TOOL and record.effective:
         state.tool_calls += 1
-        state.decided_risks.append(int(d.get("risk", 0)))
+        state.decided_risk_log_sum += risk_log_term(int(d.get("risk", 0)))
     elif record.phase == POST_HANDOFF:
         agent = state.agents.get(record.to_agent)
         usd = float(d.get("usd", 0.0))
@@ -214,6 +217,7 @@ def apply(state: SessionState, record: Record, approvals: dict[str, Approval]) -
     elif record.phase == APPROVAL:
         aid = str(d.get("approval_id", ""))
         if record.outcome == "requested":
+            state.approval_ids.append(aid)
             approvals[aid] = Approval(
                 approval_id=aid,
                 session_id=record.session_id,
