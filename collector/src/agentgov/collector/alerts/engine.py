@@ -147,6 +147,22 @@ class EngineStats:
 
 _Item = tuple[str, Any, float]  # ("spans" | "record", payload, received at)
 
+#: decision fields a Record holds as attributes (the others are derived from it)
+_RECORD_FIELDS = frozenset(
+    {
+        "phase",
+        "outcome",
+        "reason",
+        "owner",
+        "from_agent",
+        "to_agent",
+        "task",
+        "depth",
+        "actor",
+        "mode",
+    }
+)
+
 
 class AlertEngine:
     """Live evaluation of alert rules; see the module docstring."""
@@ -185,6 +201,8 @@ class AlertEngine:
         self._interval = session_interval_s
         self._gather_s = gather_s
         self._dirty: dict[str, float] = {}  # session -> earliest unjudged arrival
+        # sessions marked by decisions, from any thread (dict writes are atomic)
+        self._touched: dict[str, float] = {}
         self._judged_at: dict[str, float] = {}  # session -> monotonic time of last judging
         self._last: dict[tuple[str, str], float] = {}
         self._suppressed: dict[tuple[str, str], int] = {}
@@ -223,7 +241,7 @@ class AlertEngine:
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until everything observed so far is evaluated (tests, benchmarks)."""
         deadline = time.monotonic() + timeout
-        while self._evaluated < self._offered or self._dirty:
+        while self._evaluated < self._offered or self._dirty or self._touched:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.005)
@@ -243,8 +261,28 @@ class AlertEngine:
         self._offer(("spans", parsed, received_at))
 
     def observe_record(self, record: Record) -> None:
-        """A governor decision was just made."""
-        self._offer(("record", record, self._clock()))
+        """A governor decision was just made (called under the governor's lock).
+
+        Every decision marks its session for the session rules, which read the governor's
+        state for it; only the records the engine needs one by one are queued: handoffs
+        (fan-out), kills, and those a ``decision`` rule may match. Tool calls, usage and
+        approvals are most of the traffic and cost one dictionary write here.
+        """
+        now = self._clock()
+        self._touched.setdefault(record.session_id, now)
+        if record.phase in ("pre_handoff", "kill") or self._may_match(record):
+            self._offer(("record", record, now))
+
+    def _may_match(self, record: Record) -> bool:
+        """Whether some ``decision`` rule can match, judging only the record's own fields
+        (the rest is checked on the engine's thread)."""
+        for rule in self.source.ruleset.by_source("decision"):
+            if all(
+                c.field not in _RECORD_FIELDS or holds(c, {c.field: getattr(record, c.field)})
+                for c in rule.when
+            ):
+                return True
+        return False
 
     # -- live evaluation -----------------------------------------------------------------
 
@@ -252,7 +290,8 @@ class AlertEngine:
         last_sweep = time.monotonic()
         while True:
             try:
-                item = self._queue.get(timeout=self._interval if self._dirty else 1.0)
+                wait = self._interval if self._dirty or self._touched else 1.0
+                item = self._queue.get(timeout=wait)
             except queue.Empty:
                 item = ("idle", None, 0.0)
             if item is None:
@@ -336,6 +375,10 @@ class AlertEngine:
 
     def _judge_sessions(self) -> None:
         """Run session rules on changed sessions not judged within the interval."""
+        for session_id in list(self._touched):
+            at = self._touched.pop(session_id, None)
+            if at is not None:
+                self._dirty.setdefault(session_id, at)
         if not self._dirty:
             return
         rules = self.source.ruleset.by_source("session")
@@ -345,9 +388,8 @@ class AlertEngine:
                 continue
             del self._dirty[session_id]
             self._judged_at[session_id] = now
-            live = self._sessions.get(session_id)
-            if rules and live is not None and not self._governor.is_killed(session_id):
-                self._evaluate_session(rules, live, received)
+            if rules and not self._governor.is_killed(session_id):
+                self._evaluate_session(rules, self._session(session_id), received)
 
     def _before_any_kill(self, live: LiveSession, at: float) -> bool:
         """Whether a span that happened at ``at`` is still judged: spans usually reach the
