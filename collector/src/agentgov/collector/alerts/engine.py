@@ -203,6 +203,7 @@ class AlertEngine:
         self._dirty: dict[str, float] = {}  # session -> earliest unjudged arrival
         # sessions marked by decisions, from any thread (dict writes are atomic)
         self._touched: dict[str, float] = {}
+        self._prefilter: tuple[object, list[list[Condition]]] = (None, [])
         self._judged_at: dict[str, float] = {}  # session -> monotonic time of last judging
         self._last: dict[tuple[str, str], float] = {}
         self._suppressed: dict[tuple[str, str], int] = {}
@@ -276,11 +277,17 @@ class AlertEngine:
     def _may_match(self, record: Record) -> bool:
         """Whether some ``decision`` rule can match, judging only the record's own fields
         (the rest is checked on the engine's thread)."""
-        for rule in self.source.ruleset.by_source("decision"):
-            if all(
-                c.field not in _RECORD_FIELDS or holds(c, {c.field: getattr(record, c.field)})
-                for c in rule.when
-            ):
+        ruleset = self.source.ruleset
+        if self._prefilter[0] is not ruleset:  # first use, or the rules were reloaded
+            self._prefilter = (
+                ruleset,
+                [
+                    [c for c in rule.when if c.field in _RECORD_FIELDS]
+                    for rule in ruleset.by_source("decision")
+                ],
+            )
+        for conditions in self._prefilter[1]:
+            if all(holds(c, {c.field: getattr(record, c.field)}) for c in conditions):
                 return True
         return False
 
