@@ -6,6 +6,7 @@ import json
 import logging
 from typing import Any, TypeVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -328,7 +329,7 @@ class DecisionFastPath:
             handler = self.handlers.get(scope["path"])
             if handler is not None:
                 status, payload = await self._decide(scope, receive, handler)
-                body = json.dumps(payload, separators=(",", ":")).encode()
+                body = orjson.dumps(payload)
                 await send(
                     {
                         "type": "http.response.start",
