@@ -297,8 +297,8 @@ class AlertEngine:
         last_sweep = time.monotonic()
         while True:
             try:
-                wait = self._interval if self._dirty or self._touched else 1.0
-                item = self._queue.get(timeout=wait)
+                # decisions only mark sessions (no queue item): look at least this often
+                item = self._queue.get(timeout=self._interval)
             except queue.Empty:
                 item = ("idle", None, 0.0)
             if item is None:
