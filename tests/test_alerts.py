@@ -426,6 +426,12 @@ def test_approval_fatigue_folds_pending_approvals_into_one(stack: Stack) -> None
     for aid in asked:
         got = httpx.get(f"{stack.url}/api/v1/approvals/{aid}").json()
         assert got["status"] == "approved" and got["approver"] == "oncall"
+    folded = httpx.get(
+        f"{stack.url}/api/v1/approvals", params={"include_escalated": "true"}
+    ).json()["approvals"]
+    assert {a["approval_id"] for a in folded if a.get("escalated_to") == one["approval_id"]} == set(
+        asked
+    )
     time.sleep(1.0)
     assert stack.fired(quiet, "approval_fatigue") == []
     assert len(pending(quiet)) == 2

@@ -183,9 +183,13 @@ class GovernorApi:
         allowed = ("pending", "approved", "denied", "expired", "cancelled")
         if status is not None and status not in allowed:
             return _error(400, f"query parameter 'status' must be one of {', '.join(allowed)}")
+        raw = request.query_params.get("include_escalated", "false").lower()
+        if raw not in ("true", "false", "1", "0"):
+            return _error(400, "query parameter 'include_escalated' must be true or false")
+        folded = raw in ("true", "1")
 
         async def go(caller: Caller | None) -> dict[str, Any]:
-            return {"approvals": self.governor.approvals(status)}
+            return {"approvals": self.governor.approvals(status, include_escalated=folded)}
 
         return await self._handle(request, "read", go)
 
