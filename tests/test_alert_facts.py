@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agentgov.collector.alerts.facts import write_granted
+from agentgov.collector.alerts.facts import is_destructive, write_granted
 from agentgov.instrumentation.injection import LIKELY, score_message
 
 
@@ -58,3 +58,19 @@ def test_write_grants_cover_what_a_command_touched(
     permissions: list[str] | None, resources: list[str], granted: bool
 ) -> None:
     assert write_granted(permissions, resources) is granted
+
+
+@pytest.mark.parametrize(
+    ("risk_rules", "destructive"),
+    [
+        (("destructive_command", "write_scope"), True),  # rm -rf, DROP TABLE
+        (("production_target", "write_scope"), True),  # a write to production
+        (("production_target",), False),  # reading production
+        (("write_scope",), False),  # an ordinary write
+        ((), False),
+    ],
+)
+def test_destructive_means_destroying_or_writing_to_production(
+    risk_rules: tuple[str, ...], destructive: bool
+) -> None:
+    assert is_destructive(risk_rules) is destructive

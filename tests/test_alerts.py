@@ -211,6 +211,12 @@ def destructive(gov: Governance, sid: str, fire: bool) -> None:
                     "shell", command="rm -rf /opt/app/logs/old", resources=["/opt/app/logs/old"]
                 ):
                     pass
+            # reading production is not destructive, write grant or not
+            with s.agent("analyst", permissions=["db.read"]) as a:
+                with a.tool(
+                    "sql", command="SELECT count() FROM users", resources=["db:prod/users"]
+                ):
+                    pass
 
 
 def injection(gov: Governance, sid: str, fire: bool) -> None:

@@ -575,8 +575,7 @@ class AlertEngine:
                     rule.name,
                     rule.severity,
                     DROPPED,
-                    status="Slack is not configured: set AGENTGOV_SLACK_WEBHOOK_URL, or "
-                    "AGENTGOV_SLACK_BOT_TOKEN and AGENTGOV_SLACK_CHANNEL",
+                    status="Slack not configured (set AGENTGOV_SLACK_WEBHOOK_URL)",
                 )
 
     def _sweep(self) -> None:

@@ -78,6 +78,7 @@ class SpanFact:
             "permissions": list(self.permissions or ()),
             "risk": self.risk,
             "risk_rules": list(self.risk_rules),
+            "destructive": is_destructive(self.risk_rules),
             "write_granted": write_granted(self.permissions, self.resources),
             "usd": self.usd,
             "message_to": self.message_to,
@@ -85,6 +86,14 @@ class SpanFact:
             "injection_signals": list(self.injection_signals),
             "status": self.status,
         }
+
+
+def is_destructive(risk_rules: Sequence[str]) -> bool:
+    """Destroys data (``rm -rf``, ``DROP TABLE``, a force push...), or writes to production;
+    reading from production is not destructive."""
+    return "destructive_command" in risk_rules or (
+        "production_target" in risk_rules and "write_scope" in risk_rules
+    )
 
 
 def write_granted(permissions: Sequence[str] | None, resources: Sequence[str]) -> bool:

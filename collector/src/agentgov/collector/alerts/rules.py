@@ -82,6 +82,7 @@ FIELDS: dict[str, dict[str, str]] = {
         "permissions": LIST,
         "risk": NUM,
         "risk_rules": LIST,
+        "destructive": FLAG,
         "write_granted": FLAG,
         "usd": NUM,
         "message_to": TEXT,
