@@ -33,6 +33,28 @@ _SESSION_KEYS = (
 )
 
 
+_WANTED = frozenset(
+    {
+        *_SESSION_KEYS,
+        cv.OPERATION_NAME,
+        cv.AGENT_ID,
+        cv.AGENT_NAME,
+        cv.PARENT_AGENT_ID,
+        cv.DELEGATION_CHAIN,
+        cv.DELEGATION_DEPTH,
+        cv.AGENT_ROLE,
+        cv.TASK,
+        cv.INTENT,
+        cv.PERMISSIONS,
+        cv.COMMAND,
+        cv.RESOURCES,
+        cv.TOOL_NAME,
+        cv.RISK_SCORE,
+        cv.COST_USD,
+    }
+)
+
+
 @dataclass(slots=True)
 class SpanFact:
     """One tool call, agent or inter-agent message of a session."""
@@ -88,6 +110,26 @@ class SpanFact:
         }
 
 
+class FactView:
+    """A fact as ``span`` rule conditions read it, computing derived fields on demand:
+    most facts fail a rule's first condition, and never pay for the rest."""
+
+    __slots__ = ("_fact",)
+
+    def __init__(self, fact: SpanFact) -> None:
+        self._fact = fact
+
+    def get(self, key: str, default: Any = None, /) -> Any:
+        f = self._fact
+        if key == "destructive":
+            return is_destructive(f.risk_rules)
+        if key == "write_granted":
+            return write_granted(f.permissions, f.resources)
+        if key == "permissions":
+            return f.permissions or ()
+        return getattr(f, key, default)
+
+
 def is_destructive(risk_rules: Sequence[str]) -> bool:
     """Destroys data (``rm -rf``, ``DROP TABLE``, a force push...), or writes to production;
     reading from production is not destructive."""
@@ -129,6 +171,9 @@ def write_granted(permissions: Sequence[str] | None, resources: Sequence[str]) -
 
 
 def _value(v: AnyValue) -> Any:
+    s = v.string_value
+    if s:  # most attributes are strings: one field read instead of WhichOneof
+        return s
     which = v.WhichOneof("value")
     if which == "string_value":
         return v.string_value
@@ -173,7 +218,8 @@ def span_facts(request: ExportTraceServiceRequest, rules: RiskRules) -> Iterator
     for rs in request.resource_spans:
         for ss in rs.scope_spans:
             for span in ss.spans:
-                attrs = {kv.key: _value(kv.value) for kv in span.attributes}
+                # only the attributes facts are made of (hosts add their own by the dozen)
+                attrs = {kv.key: _value(kv.value) for kv in span.attributes if kv.key in _WANTED}
                 sid = next((str(attrs[k]) for k in _SESSION_KEYS if attrs.get(k)), "")
                 if not sid:
                     continue
