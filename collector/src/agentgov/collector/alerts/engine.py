@@ -1,9 +1,9 @@
 """Where alert rules are evaluated and acted on, inside the collector.
 
-Stored spans (handed over by the span writer once durable) and governor decisions (handed
-over as they are made) go into one bounded queue; one thread turns them into facts,
-updates the live session aggregates and evaluates the ``span``, ``decision`` and
-``session`` rules of the sessions they touched. ``sql`` rules run on a second thread with
+Stored spans (handed over by the span writer once durable, read into facts by a worker
+process, see extract.py) and governor decisions (handed over as they are made) go into
+one bounded queue; one thread updates the live session aggregates and evaluates the
+``span``, ``decision`` and ``session`` rules of the sessions they touched. ``sql`` rules run on a second thread with
 their own ClickHouse client. A firing rule acts at once: ``stop`` is an ordinary kill with
 the rule as actor (so it propagates exactly like a person's), ``approval_required`` folds
 the session's pending approvals into one, ``slack`` queues a notification. Every firing,
@@ -23,9 +23,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-from agentgov.collector.alerts.facts import FactView, SpanFact, decision_fields, span_facts
+from agentgov.collector.alerts.extract import FactExtractor, facts_of
+from agentgov.collector.alerts.facts import FactView, SpanFact, decision_fields
 from agentgov.collector.alerts.journal import AlertJournal, last_fired
 from agentgov.collector.alerts.live import LiveSession
 from agentgov.collector.alerts.rules import AlertRule, Condition, RuleSource
@@ -148,6 +147,8 @@ class EngineStats:
     #: observations dropped because the engine's queue was full (SQL rules still see them)
     overflow: int = 0
     sql_runs: int = 0
+    #: stored requests whose facts could not be read (the extractor failed)
+    lost_requests: int = 0
     sql_errors: dict[str, str] = field(default_factory=dict)
 
 
@@ -217,6 +218,7 @@ class AlertEngine:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.stats = EngineStats()
+        self._extractor = FactExtractor(risk)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -244,6 +246,7 @@ class AlertEngine:
         for thread in self._threads:
             thread.join(10)
         self._threads = []
+        self._extractor.close()
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until everything observed so far is evaluated (tests, benchmarks)."""
@@ -263,9 +266,16 @@ class AlertEngine:
         self._offered += 1
         self._queue.put(item)
 
-    def observe_spans(self, parsed: object, received_at: float) -> None:
-        """The span writer's ``on_stored`` hook: a request's spans are durable."""
-        self._offer(("spans", parsed, received_at))
+    def observe_spans(self, payload: bytes, received_at: float) -> None:
+        """The span writer's ``on_stored`` hook: a request's spans are durable.
+
+        Its facts are read in the extractor's process at once; the engine's thread takes
+        them in arrival order. Nothing is read when no rule needs spans.
+        """
+        ruleset = self.source.ruleset
+        if not ruleset.by_source("span") and not ruleset.by_source("session"):
+            return
+        self._offer(("spans", self._extractor.submit(payload), received_at))
 
     def observe_record(self, record: Record) -> None:
         """A governor decision was just made (called under the governor's lock).
@@ -354,11 +364,14 @@ class AlertEngine:
         touched: dict[str, float] = {}
         for kind, payload, received in batch:
             if kind == "spans":
-                assert isinstance(payload, ExportTraceServiceRequest)
                 self.stats.events += 1
-                if not span_rules and not session_rules:
-                    continue  # reading spans costs ~15 us each: only when a rule needs it
-                for fact in span_facts(payload, self._risk):
+                try:
+                    facts = facts_of(payload.result(timeout=60))
+                except Exception:
+                    self.stats.lost_requests += 1
+                    log.exception("span facts of a stored request could not be read")
+                    continue
+                for fact in facts:
                     self.stats.facts += 1
                     live = self._session(fact.session_id)
                     live.add_span(fact)

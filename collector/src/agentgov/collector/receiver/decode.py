@@ -49,8 +49,6 @@ class DecodedRequest:
     spans: int
     #: hex trace ids of the request's spans (to repair derived tables after a crash)
     trace_ids: tuple[str, ...] = ()
-    #: the parsed request, handed on to whoever watches stored spans (the alert engine)
-    request: ExportTraceServiceRequest | None = None
 
 
 def decompress(body: bytes, encoding: str, limits: Limits) -> bytes:
@@ -228,10 +226,10 @@ def decode_http(
             f"Content-Type {content_type or '(none)'!r} is not OTLP: "
             "use application/x-protobuf or application/json"
         )
-    return DecodedRequest(payload, *validate(request, limits), request)
+    return DecodedRequest(payload, *validate(request, limits))
 
 
 def decode_grpc(data: bytes, limits: Limits) -> DecodedRequest:
     """Decode the raw bytes of a gRPC Export call."""
     request = parse_protobuf(data)
-    return DecodedRequest(data, *validate(request, limits), request)
+    return DecodedRequest(data, *validate(request, limits))

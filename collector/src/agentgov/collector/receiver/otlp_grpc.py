@@ -30,9 +30,7 @@ class _Export:
     def __call__(self, data: bytes, context: grpc.ServicerContext) -> ExportTraceServiceResponse:
         try:
             decoded = decode_grpc(data, self.limits)
-            future = self.writer.submit(
-                decoded.payload, decoded.spans, decoded.trace_ids, decoded.request
-            )
+            future = self.writer.submit(decoded.payload, decoded.spans, decoded.trace_ids)
         except OtlpError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except (WriterOverloaded, WriterClosed) as exc:

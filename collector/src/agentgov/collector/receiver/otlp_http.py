@@ -60,9 +60,7 @@ class OtlpHttpReceiver:
                 decoded = await run_in_threadpool(
                     decode_http, body, content_type, encoding, self.limits
                 )
-            future = self.writer.submit(
-                decoded.payload, decoded.spans, decoded.trace_ids, decoded.request
-            )
+            future = self.writer.submit(decoded.payload, decoded.spans, decoded.trace_ids)
         except OtlpError as exc:
             return _error(exc.status, str(exc))
         except WriterOverloaded as exc:

@@ -115,8 +115,6 @@ class _Item:
     payload: bytes
     spans: int
     trace_ids: tuple[str, ...] = ()
-    #: what ``on_stored`` is given once the request is durable (the parsed request)
-    parsed: object | None = None
     received: float = 0.0
     future: Future[int] = field(default_factory=Future)
     size: int = 0
@@ -155,9 +153,9 @@ class SpanWriter:
         max_queue_bytes: int = 512 << 20,
         remembered_requests: int = 500_000,
         receipt_window_s: int = 6 * 3600,
-        on_stored: Callable[[object, float], None] | None = None,
+        on_stored: Callable[[bytes, float], None] | None = None,
     ) -> None:
-        """``on_stored(parsed, received_at)`` runs once per stored request (never for a
+        """``on_stored(payload, received_at)`` runs once per stored request (never for a
         duplicate), after its sender was answered; it must not block."""
         self._config = config
         self._on_stored = on_stored
@@ -247,7 +245,6 @@ class SpanWriter:
         payload: bytes,
         spans: int,
         trace_ids: tuple[str, ...] = (),
-        parsed: object | None = None,
     ) -> Future[int]:
         """Queue one validated request; the future gives the spans written (0: duplicate)."""
         received = time.time()
@@ -268,7 +265,7 @@ class SpanWriter:
                 raise WriterOverloaded(
                     "the write queue is full; retry with backoff (OTLP exporters do this)"
                 )
-            item = _Item(digest, payload, spans, trace_ids, parsed, received)
+            item = _Item(digest, payload, spans, trace_ids, received)
             self._inflight[digest] = item
             self._queued_bytes += len(payload)
         self._queue.put(item)
@@ -409,11 +406,10 @@ class SpanWriter:
                 item.future.set_exception(exc)
         if exc is None and self._on_stored is not None:
             for item in batch:
-                if item.parsed is not None:
-                    try:
-                        self._on_stored(item.parsed, item.received)
-                    except Exception:
-                        log.exception("a stored-spans observer failed")
+                try:
+                    self._on_stored(item.payload, item.received)
+                except Exception:
+                    log.exception("a stored-spans observer failed")
 
     def _repair(self, client: Client, item: _Item) -> None:
         """After a failed insert: fix derived tables, then keep only spans not yet stored."""
