@@ -127,7 +127,11 @@ def one_round(url: str) -> tuple[list[float], list[float], float]:
 def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="agentgov-kill-"))
     try:
-        with running_collector(workdir / "data") as url:
+        # no alert rules: a hundred handoffs in a second is exactly what the shipped
+        # fanout_burst rule stops, and this measures a person's kill
+        no_rules = workdir / "no-alert-rules"
+        no_rules.mkdir()
+        with running_collector(workdir / "data", "--alert-rules", str(no_rules)) as url:
             _measure(url)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
