@@ -21,6 +21,8 @@ import yaml
 from clickhouse_connect.driver.binding import format_query_value
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agentgov.collector.validation import problems
+
 # RE2 (ClickHouse) and Python's re differ outside ASCII; these make Python read a pattern
 # as RE2 does: ASCII classes and case folding, and RE2's \s, which excludes \v.
 _RE2_SPACE = "[\t\n\f\r ]"
@@ -146,12 +148,8 @@ class RiskRules:
         try:
             parsed = RiskRulesFile.model_validate(data)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(x) for x in e['loc']) or '(top level)'}: {e['msg']}"
-                for e in exc.errors()
-            )
             raise RiskRulesError(
-                f"{source}: invalid risk rules: {problems}. "
+                f"{source}: invalid risk rules: {'; '.join(problems(exc))}. "
                 "Expected 'rules:' with items of name, score (0-100), command and/or resources."
             ) from exc
         return cls(parsed.rules)

@@ -21,16 +21,6 @@ from agentgov.collector.auth import AuthError, KeyRing
 from agentgov.collector.governor import audit
 from agentgov.instrumentation.lineage import InvalidIdError, check_id
 
-_EVENTS = {
-    "fired",
-    "throttled",
-    "stopped",
-    "approval_requested",
-    "slack_sent",
-    "slack_retry",
-    "slack_dropped",
-}
-
 
 class AlertsApi:
     """Reads go through their own client, serialized (one query at a time)."""
@@ -66,9 +56,9 @@ class AlertsApi:
             if sid:
                 check_id(sid, "session_id")
             event = q.get("event")
-            if event and event not in _EVENTS:
+            if event and event not in journal.EVENTS:
                 raise ValueError(
-                    f"unknown event {event!r}; use one of: {', '.join(sorted(_EVENTS))}"
+                    f"unknown event {event!r}; use one of: {', '.join(sorted(journal.EVENTS))}"
                 )
         except (ValueError, InvalidIdError) as exc:
             return error(400, str(exc))

@@ -25,23 +25,24 @@ from typing import Any, Protocol
 
 from agentgov.collector.alerts.extract import FactExtractor, facts_of
 from agentgov.collector.alerts.facts import FactView, SpanFact, decision_fields
-from agentgov.collector.alerts.journal import AlertJournal, last_fired
+from agentgov.collector.alerts.journal import (
+    APPROVAL_REQUESTED,
+    FIRED,
+    SLACK_DROPPED,
+    STOPPED,
+    THROTTLED,
+    AlertJournal,
+    last_fired,
+)
 from agentgov.collector.alerts.live import LiveSession
 from agentgov.collector.alerts.rules import AlertRule, Condition, RuleSource
-from agentgov.collector.alerts.slack import DROPPED, Notice, SlackNotifier
+from agentgov.collector.alerts.slack import Notice, SlackNotifier
 from agentgov.collector.governor.engine import Governor
 from agentgov.collector.governor.state import Record
 from agentgov.collector.risk import RiskRules
 from agentgov.collector.store.connection import StoreConfig, open_client
 
 log = logging.getLogger(__name__)
-
-FIRED, THROTTLED, STOPPED, APPROVAL_REQUESTED = (
-    "fired",
-    "throttled",
-    "stopped",
-    "approval_requested",
-)
 
 
 class Fields(Protocol):
@@ -595,7 +596,7 @@ class AlertEngine:
                     sid,
                     rule.name,
                     rule.severity,
-                    DROPPED,
+                    SLACK_DROPPED,
                     status="Slack not configured (set AGENTGOV_SLACK_WEBHOOK_URL)",
                 )
 

@@ -188,7 +188,7 @@ def _value(v: AnyValue) -> Any:
     return None
 
 
-def _strings(value: Any) -> tuple[str, ...]:
+def strings(value: Any) -> tuple[str, ...]:
     if isinstance(value, list):
         return tuple(str(x) for x in value)
     if isinstance(value, str) and value.startswith("["):
@@ -199,7 +199,7 @@ def _strings(value: Any) -> tuple[str, ...]:
     return () if value in (None, "") else (str(value),)
 
 
-def _int(value: Any) -> int:
+def as_int(value: Any) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -225,25 +225,23 @@ def span_facts(request: ExportTraceServiceRequest, rules: RiskRules) -> Iterator
                     continue
                 op = attrs.get(cv.OPERATION_NAME, "")
                 agent_id = str(attrs.get(cv.AGENT_ID) or attrs.get(cv.AGENT_NAME) or "")
-                chain = _strings(attrs.get(cv.DELEGATION_CHAIN)) or (
-                    (agent_id,) if agent_id else ()
-                )
+                chain = strings(attrs.get(cv.DELEGATION_CHAIN)) or ((agent_id,) if agent_id else ())
                 base: dict[str, Any] = {
                     "session_id": sid,
                     "agent_id": agent_id,
                     "agent_name": str(attrs.get(cv.AGENT_NAME, "")),
                     "parent_id": str(attrs.get(cv.PARENT_AGENT_ID, "")),
                     "chain": chain,
-                    "depth": _int(attrs.get(cv.DELEGATION_DEPTH, max(len(chain) - 1, 0))),
+                    "depth": as_int(attrs.get(cv.DELEGATION_DEPTH, max(len(chain) - 1, 0))),
                     "role": str(attrs.get(cv.AGENT_ROLE, "")),
                     "task": str(attrs.get(cv.TASK, "")),
                     "intent": str(attrs.get(cv.INTENT, "")),
                 }
-                permissions = _strings(attrs[cv.PERMISSIONS]) if cv.PERMISSIONS in attrs else None
+                permissions = strings(attrs[cv.PERMISSIONS]) if cv.PERMISSIONS in attrs else None
                 status = "Error" if span.status.code == 2 else ""
                 command = str(attrs.get(cv.COMMAND, ""))
                 if op == cv.OP_EXECUTE_TOOL or command:
-                    resources = _strings(attrs.get(cv.RESOURCES))
+                    resources = strings(attrs.get(cv.RESOURCES))
                     assessed = rules.assess(command, resources)
                     yield SpanFact(
                         kind=TOOL,
@@ -253,7 +251,7 @@ def span_facts(request: ExportTraceServiceRequest, rules: RiskRules) -> Iterator
                         resources=resources,
                         permissions=permissions,
                         # the emitter's own score is a floor, as in the stored spans
-                        risk=max(min(_int(attrs.get(cv.RISK_SCORE)), 100), assessed.score),
+                        risk=max(min(as_int(attrs.get(cv.RISK_SCORE)), 100), assessed.score),
                         risk_rules=assessed.rules,
                         status=status,
                         **base,
@@ -275,8 +273,8 @@ def span_facts(request: ExportTraceServiceRequest, rules: RiskRules) -> Iterator
                         kind=MESSAGE,
                         time=event.time_unix_nano / 1e9,
                         message_to=str(ev.get(cv.MESSAGE_TO, "")),
-                        injection=min(_int(ev.get(cv.MESSAGE_INJECTION)), 100),
-                        injection_signals=_strings(ev.get(cv.MESSAGE_INJECTION_SIGNALS)),
+                        injection=min(as_int(ev.get(cv.MESSAGE_INJECTION)), 100),
+                        injection_signals=strings(ev.get(cv.MESSAGE_INJECTION_SIGNALS)),
                         **{**base, "agent_id": str(ev.get(cv.MESSAGE_FROM) or agent_id)},
                     )
 
@@ -300,6 +298,6 @@ def decision_fields(record: Record, chain: Sequence[str] = ()) -> dict[str, Any]
         "mode": record.mode,
         "tool": str(d.get("tool", "")),
         "command": str(d.get("command", "")),
-        "risk": _int(d.get("risk", 0)),
+        "risk": as_int(d.get("risk", 0)),
         "chain": list(chain) or [a for a in (record.from_agent, record.to_agent) if a],
     }

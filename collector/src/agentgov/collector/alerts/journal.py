@@ -20,6 +20,21 @@ from agentgov.collector.store.json_rows import JsonRowWriter
 
 ALERTS = "agentgov_alerts"
 
+# the events of an alert's life, as the Event column holds them
+FIRED, THROTTLED, STOPPED, APPROVAL_REQUESTED = (
+    "fired",
+    "throttled",
+    "stopped",
+    "approval_requested",
+)
+SLACK_SENT, SLACK_RETRY, SLACK_DROPPED = "slack_sent", "slack_retry", "slack_dropped"
+#: an action that raised is journaled as ``<action>_failed``
+ACTION_FAILED = ("stop_failed", "slack_failed", "approval_required_failed")
+EVENTS = frozenset(
+    {FIRED, THROTTLED, STOPPED, APPROVAL_REQUESTED, SLACK_SENT, SLACK_RETRY, SLACK_DROPPED}
+    | set(ACTION_FAILED)
+)
+
 ALERTS_TABLE = f"""
 CREATE TABLE IF NOT EXISTS {ALERTS} (
     Time DateTime64(6),

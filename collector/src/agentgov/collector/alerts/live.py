@@ -15,6 +15,7 @@ from typing import Any
 
 from agentgov.collector.alerts.facts import AGENT, MESSAGE, TOOL, SpanFact
 from agentgov.collector.risk import risk_from_log_sum, risk_log_term
+from agentgov.instrumentation.injection import LIKELY
 
 
 @dataclass
@@ -70,7 +71,7 @@ class LiveSession:
                 self.usd[fact.agent_id] = self.usd.get(fact.agent_id, 0.0) + fact.usd
             self.spawn(fact.parent_id, fact.agent_id, fact.time)
         elif fact.kind == MESSAGE and fact.injection:
-            self.injections += 1 if fact.injection >= 60 else 0
+            self.injections += 1 if fact.injection >= LIKELY else 0
 
     def fanout(self, window_s: float) -> tuple[int, str]:
         """The most children one agent spawned within any ``window_s``, and that agent."""
@@ -138,7 +139,6 @@ class LiveSession:
             "max_handoffs": limits.get("max_handoffs"),
             "pending_approvals": pending_approvals,
             "injections": self.injections,
-            "killed": g.get("status") == "killed",
             "agent_id": self.last_agent,
             "chain": list(self.last_chain),
         }

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
-from agentgov.collector.alerts.facts import AGENT, MESSAGE, TOOL, SpanFact
+from agentgov.collector.alerts.facts import AGENT, MESSAGE, TOOL, SpanFact, as_int, strings
 from agentgov.collector.store import schema
 from agentgov.instrumentation import conventions as cv
 
@@ -94,29 +93,12 @@ def stored_facts(client: Client, session_id: str) -> list[SpanFact]:
                 kind=MESSAGE,
                 time=int(at) / 1e9,
                 agent_id=attrs.get(cv.MESSAGE_FROM) or agent,
-                chain=_json_list(chain_json),
+                chain=strings(chain_json),
                 intent=intent,
                 message_to=attrs.get(cv.MESSAGE_TO, ""),
-                injection=min(_int(attrs.get(cv.MESSAGE_INJECTION, "0")), 100),
-                injection_signals=_json_list(signals),
+                injection=min(as_int(attrs.get(cv.MESSAGE_INJECTION, "0")), 100),
+                injection_signals=strings(signals),
             )
         )
     facts.sort(key=lambda f: f.time)
     return facts
-
-
-def _int(raw: str) -> int:
-    try:
-        return int(float(raw))
-    except ValueError:
-        return 0
-
-
-def _json_list(raw: str) -> tuple[str, ...]:
-    if not raw:
-        return ()
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return (raw,)
-    return tuple(str(v) for v in value) if isinstance(value, list) else (str(value),)

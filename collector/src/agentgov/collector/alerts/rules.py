@@ -61,7 +61,6 @@ FIELDS: dict[str, dict[str, str]] = {
         "fanout_agent": TEXT,
         "pending_approvals": NUM,
         "injections": NUM,
-        "killed": FLAG,
         "agent_id": TEXT,
         "chain": LIST,
     },

@@ -40,9 +40,11 @@ from slack_sdk.models.blocks import (
 )
 from slack_sdk.webhook import WebhookClient
 
+from agentgov.collector.alerts.journal import SLACK_DROPPED, SLACK_RETRY, SLACK_SENT
+
 log = logging.getLogger(__name__)
 
-SENT, RETRY, DROPPED = "slack_sent", "slack_retry", "slack_dropped"
+SENT, RETRY, DROPPED = SLACK_SENT, SLACK_RETRY, SLACK_DROPPED
 
 _ICON = {"critical": "🛑", "warning": "⚠️", "info": "ℹ️"}
 
