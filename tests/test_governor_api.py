@@ -1081,7 +1081,13 @@ def test_kill_stops_everything_later(lit: Gov) -> None:
         "oncall",
         "runaway loop",
     )
-    killed = {"outcome": "stop", "reason": "session_killed"}
+    # every refusal says who stopped the session and why, for agents the kill event has
+    # not reached yet
+    killed = {
+        "outcome": "stop",
+        "reason": "session_killed",
+        "killed": {"actor": "oncall", "reason": "runaway loop"},
+    }
     assert lit.handoff(sid, "worker-2", frm="planner") == killed
     assert lit.handoff(sid, "sub", frm="worker") == killed
     assert lit.tool(sid, "worker", "search.read")["reason"] == "session_killed"
@@ -1091,7 +1097,10 @@ def test_kill_stops_everything_later(lit: Gov) -> None:
     # killed before any agent started: the first agent is refused
     early = "lit-kill-early"
     assert lit.kill(early, actor="oncall", reason="bad intent").status_code == 200
-    assert lit.handoff(early, "planner") == killed
+    assert lit.handoff(early, "planner") == {
+        **killed,
+        "killed": {"actor": "oncall", "reason": "bad intent"},
+    }
     figures = lit.figures(early)
     assert (figures["status"], figures["governed_agents"]) == ("killed", 0)
 

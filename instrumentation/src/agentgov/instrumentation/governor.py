@@ -62,6 +62,8 @@ class Decision:
     approval_id: str = ""
     risk: int | None = None
     shadow: dict[str, str] | None = None
+    #: with ``session_killed``: who stopped the session and why ({actor, reason})
+    killed: dict[str, str] | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Decision:
@@ -72,6 +74,7 @@ class Decision:
             approval_id=str(data.get("approval_id") or ""),
             risk=data.get("risk"),
             shadow=data.get("shadow"),
+            killed=data.get("killed"),
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -84,6 +87,8 @@ class Decision:
             out["risk"] = self.risk
         if self.shadow is not None:
             out["shadow"] = self.shadow
+        if self.killed is not None:
+            out["killed"] = self.killed
         return out
 
 
@@ -307,7 +312,12 @@ class GovernorClient:
         if decision.outcome == "stop" and self.mode == "enforce":
             if decision.reason == "session_killed":
                 self.watch(session_id, wait=0)
-                raise SessionKilled(session_id)
+                # the answer says who stopped the session: the kill event may still be on
+                # its way to this process
+                by = decision.killed or self.killed(session_id) or {}
+                raise SessionKilled(
+                    session_id, str(by.get("actor") or ""), str(by.get("reason") or "")
+                )
             raise Stopped(decision.reason, phase, decision.owner)
         return decision
 

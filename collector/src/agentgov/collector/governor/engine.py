@@ -14,7 +14,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agentgov.collector.governor.policy import MultiAgentPolicy, PolicySource
@@ -152,8 +152,15 @@ class Governor:
             except Exception:
                 log.exception("governor listener failed")
 
-    def _finish(self, decision: Decision, record_outcome: str) -> Decision:
-        """Shadow mode answers allow but reports what enforce would have said."""
+    def _finish(
+        self, decision: Decision, record_outcome: str, state: SessionState | None = None
+    ) -> Decision:
+        """Shadow mode answers allow but reports what enforce would have said; a stop for a
+        killed session says who killed it and why."""
+        if state is not None and decision.reason == "session_killed" and state.killed:
+            decision = replace(
+                decision, killed={"actor": state.kill_actor, "reason": state.kill_reason}
+            )
         if self.policy.mode == "shadow" and record_outcome != ALLOW:
             return Decision(
                 ALLOW,
@@ -400,7 +407,7 @@ class Governor:
                 },
             )
             decision = Decision(outcome, reason, owner, approval_id)
-            return self._finish(decision, outcome)
+            return self._finish(decision, outcome, state)
 
     def _judge_handoff(
         self, state: SessionState, req: HandoffRequest, parent: Any, depth: int
@@ -505,7 +512,7 @@ class Governor:
                     "approval_id": approval_id,
                 },
             )
-            return self._finish(Decision(outcome, reason, "", approval_id, risk), outcome)
+            return self._finish(Decision(outcome, reason, "", approval_id, risk), outcome, state)
 
     def _judge_tool(self, state: SessionState, req: ToolRequest) -> tuple[str, str]:
         p = self.policy
@@ -566,7 +573,7 @@ class Governor:
                     "budget_usd": round(state.usd, 6),
                 },
             )
-            return self._finish(Decision(outcome, reason), outcome)
+            return self._finish(Decision(outcome, reason), outcome, state)
 
     def kill(self, session_id: str, actor: str, reason: str = "") -> dict[str, Any]:
         """Stop every agent of a session, now and later; cancel its pending approvals."""
