@@ -128,19 +128,27 @@ def collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CollectorPro
 
 
 def make_provider(
-    endpoint: str, protocol: str = "http", service: str = "tests", **bsp: int
+    endpoint: str,
+    protocol: str = "http",
+    service: str = "tests",
+    api_key: str | None = None,
+    **bsp: int,
 ) -> TracerProvider:
-    """A tracer provider exporting through the official OTLP exporter (HTTP or gRPC)."""
+    """A tracer provider exporting through the official OTLP exporter (HTTP or gRPC), with
+    ``api_key`` as its bearer key when the collector requires one."""
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else None
     if protocol == "http":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        exporter = OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces")
+        exporter = OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces", headers=headers)
     else:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
             OTLPSpanExporter as GrpcExporter,
         )
 
-        exporter = GrpcExporter(endpoint=endpoint, insecure=True)  # type: ignore[assignment]
+        exporter = GrpcExporter(  # type: ignore[assignment]
+            endpoint=endpoint, insecure=True, headers=headers
+        )
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
     provider.add_span_processor(BatchSpanProcessor(exporter, **bsp))  # type: ignore[arg-type]
     return provider

@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover
 from agentgov.collector.alerts.rules import AlertRulesError, load_rules, parse_rules
 from agentgov.collector.alerts.slack import BotSender, Notice, SlackNotifier
 from agentgov.instrumentation import Governance, GovernorClient, SessionKilled, Stopped
+from agentgov.instrumentation.lineage_token import HEADER as TOKEN_HEADER
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,6 +120,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def new_session(tag: str) -> str:
     return f"{tag}-{uuid.uuid4().hex[:10]}"
+
+
+def start_root(url: str, sid: str, agent: str) -> dict[str, str]:
+    """Start ``agent`` as the root of ``sid`` over the plain API; the headers that carry
+    its lineage token on its later requests."""
+    resp = httpx.post(
+        f"{url}/api/v1/decisions/handoff",
+        json={"session_id": sid, "to_agent": agent},
+        timeout=10,
+    )
+    assert resp.json()["outcome"] == "allow", resp.text
+    return {TOKEN_HEADER: resp.json()["lineage_token"]}
 
 
 # -- scenarios: (governance, session id, fire?) -> None ------------------------------------
@@ -206,17 +219,20 @@ def destructive(gov: Governance, sid: str, fire: bool) -> None:
                 with a.tool("sql", command="DROP TABLE users", resources=["db:prod/users"]):
                     pass
         else:
-            with s.agent("janitor", permissions=["fs.write:/opt/app/logs"]) as a:
-                with a.tool(
-                    "shell", command="rm -rf /opt/app/logs/old", resources=["/opt/app/logs/old"]
-                ):
-                    pass
-            # reading production is not destructive, write grant or not
-            with s.agent("analyst", permissions=["db.read"]) as a:
-                with a.tool(
-                    "sql", command="SELECT count() FROM users", resources=["db:prod/users"]
-                ):
-                    pass
+            with s.agent("lead", permissions=["fs.write:/opt/app/logs", "db.read"]) as lead:
+                with lead.delegate("janitor", permissions=["fs.write:/opt/app/logs"]) as a:
+                    with a.tool(
+                        "shell",
+                        command="rm -rf /opt/app/logs/old",
+                        resources=["/opt/app/logs/old"],
+                    ):
+                        pass
+                # reading production is not destructive, write grant or not
+                with lead.delegate("analyst", permissions=["db.read"]) as a:
+                    with a.tool(
+                        "sql", command="SELECT count() FROM users", resources=["db:prod/users"]
+                    ):
+                        pass
 
 
 def injection(gov: Governance, sid: str, fire: bool) -> None:
@@ -397,6 +413,7 @@ def test_a_rule_stop_reaches_an_agent_in_another_process(stack: Stack, tmp_path:
 def test_approval_fatigue_folds_pending_approvals_into_one(stack: Stack) -> None:
     def ask(sid: str, n: int) -> list[str]:
         ids = []
+        token = start_root(stack.url, sid, "deployer")
         for i in range(n):
             resp = httpx.post(
                 f"{stack.url}/api/v1/decisions/tool",
@@ -406,6 +423,7 @@ def test_approval_fatigue_folds_pending_approvals_into_one(stack: Stack) -> None
                     "tool": "deploy.prod",
                     "command": f"deploy service-{i}",
                 },
+                headers=token,
                 timeout=10,
             )
             assert resp.json()["outcome"] == "approval_required"
@@ -474,15 +492,13 @@ def test_slack_failures_are_retried_while_stops_and_decisions_go_on(flaky: Stack
     stopped = wait_for(lambda: flaky.alerts(sid, "stopped"))[0]
     # while Slack is still being retried, decisions are answered at once
     decided_at = []
+    busy = new_session("busy")
+    token = start_root(flaky.url, busy, "a")
     for i in range(20):
         resp = httpx.post(
             f"{flaky.url}/api/v1/decisions/tool",
-            json={
-                "session_id": new_session("busy"),
-                "agent_id": "a",
-                "tool": "search.read",
-                "command": f"q{i}",
-            },
+            json={"session_id": busy, "agent_id": "a", "tool": "search.read", "command": f"q{i}"},
+            headers=token,
         )
         assert resp.json()["outcome"] == "allow"
         decided_at.append(time.time())

@@ -465,7 +465,7 @@ def seeded(store_path: Path, store_client: Any, tmp_path_factory: pytest.TempPat
     clients: list[GovernorClient] = []
 
     def governance(service: str, mode: str = "enforce") -> Governance:
-        provider = make_provider(url, service=service, schedule_delay_millis=100)
+        provider = make_provider(url, service=service, api_key=AGENT_KEY, schedule_delay_millis=100)
         provider.add_span_processor(SimpleSpanProcessor(finished))
         providers.append(provider)
         clients.append(GovernorClient(url, api_key=AGENT_KEY, mode=mode, approval_timeout=30))

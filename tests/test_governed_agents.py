@@ -352,7 +352,7 @@ def test_one_kill_stops_agents_in_three_processes(governed: Governed, procs: Pro
     governed.set_policy()
     api = governed.api
     stops, hook = recorder()
-    provider = make_provider(governed.url, service="kill-parent")
+    provider = make_provider(governed.url, service="kill-parent", api_key=AGENT_KEY)
     gov = Governance(
         provider, governor=GovernorClient(governed.url, api_key=AGENT_KEY), on_stop=hook
     )
@@ -381,13 +381,14 @@ def test_one_kill_stops_agents_in_three_processes(governed: Governed, procs: Pro
                 assert not any(m.exists() for m in markers)
 
                 killed_at = time.time()
-                assert api.kill(sid, ADMIN_KEY, reason="credentials leaked") == {
+                answer = api.kill(sid, ADMIN_KEY, reason="credentials leaked")
+                assert {k: answer[k] for k in ("session_id", "actor", "reason", "status")} == {
                     "session_id": sid,
                     "actor": "admin-1",
                     "reason": "credentials leaked",
-                    "cancelled_approvals": [],
                     "status": "killed",
                 }
+                assert answer["cancelled_approvals"] == []
                 at_kill = api.governor(sid)
                 for i, w in enumerate(workers):
                     assert w.wait(timeout=15) == 0, procs.log(f"shard-{i}")
@@ -441,7 +442,13 @@ def test_one_kill_stops_agents_in_three_processes(governed: Governed, procs: Pro
     ]
     # after the kill nothing more was allowed, in any process
     kill_seq = next(d["seq"] for d in records if d["phase"] == "kill")
-    assert {d["outcome"] for d in records if d["seq"] > kill_seq} == {"stop"}
+    after = [d for d in records if d["seq"] > kill_seq]
+    assert {d["outcome"] for d in after if d["phase"] != "stopped"} == {"stop"}
+    # and every process running an agent said that it stopped: the three shards and this
+    # one, for the coordinator (the kill's answer lists that per agent)
+    acked = {d["from_agent"] for d in after if d["phase"] == "stopped"}
+    assert {d["outcome"] for d in after if d["phase"] == "stopped"} == {"acknowledged"}
+    assert acked == {f"shard{i}-{tag}" for i in range(3)} | {f"coord-{tag}"}
     final = summary["governor"]
     assert final["governed_tool_calls"] == at_kill["governed_tool_calls"]
     assert (final["governed_handoffs"], final["governed_agents"]) == (4, 5)
@@ -479,7 +486,7 @@ def test_enforce_stops_and_the_orchestrator_falls_back(governed: Governed) -> No
     governed.set_policy(max_handoffs=1)
     api = governed.api
     stops, hook = recorder()
-    provider = make_provider(governed.url, service="enforce")
+    provider = make_provider(governed.url, service="enforce", api_key=AGENT_KEY)
     gov = Governance(
         provider, governor=GovernorClient(governed.url, api_key=AGENT_KEY), on_stop=hook
     )

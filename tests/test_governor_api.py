@@ -24,6 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
+from agentgov.instrumentation.lineage_token import HEADER as TOKEN_HEADER
+
 from .conftest import CollectorProcess, free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,6 +143,10 @@ class Gov:
         self.proc = proc
         self.policy_path = policy_path
         self.key = key
+        #: (session, agent) -> the lineage token the governor issued that agent
+        self.tokens: dict[tuple[str, str], str] = {}
+        #: session -> its root agent, as started through this client
+        self.roots: dict[str, str] = {}
 
     @property
     def url(self) -> str:
@@ -149,38 +155,94 @@ class Gov:
     def _headers(self, key: str | None) -> dict[str, str]:
         return bearer(self.key if key is None else key)
 
-    def post(self, path: str, body: Any = None, key: str | None = None) -> httpx.Response:
-        return httpx.post(
-            f"{self.url}{path}", json=body or {}, headers=self._headers(key), timeout=30
-        )
+    def post(
+        self, path: str, body: Any = None, key: str | None = None, token: str = ""
+    ) -> httpx.Response:
+        headers = self._headers(key)
+        if token:
+            headers[TOKEN_HEADER] = token
+        return httpx.post(f"{self.url}{path}", json=body or {}, headers=headers, timeout=30)
+
+    def token(self, sid: str, agent: str) -> str:
+        """The lineage token the governor issued ``agent`` of ``sid`` ('' if none)."""
+        return self.tokens.get((sid, agent), "")
+
+    def _ensure(self, sid: str, agent: str, key: str | None) -> None:
+        """Start ``agent`` as the root of a session this client has not started yet, so a
+        test can name an acting agent without spelling out its start."""
+        if agent and (sid, agent) not in self.tokens and sid not in self.roots:
+            answer = self.handoff(sid, agent, key=key)
+            assert answer["outcome"] == "allow", answer
 
     def get(self, path: str, key: str | None = None, **params: Any) -> httpx.Response:
         return httpx.get(f"{self.url}{path}", params=params, headers=self._headers(key), timeout=30)
 
-    def _decide(self, path: str, body: dict[str, Any], key: str | None) -> dict[str, Any]:
-        r = self.post(path, body, key)
+    def _decide(
+        self, path: str, body: dict[str, Any], key: str | None, token: str
+    ) -> dict[str, Any]:
+        r = self.post(path, body, key, token)
         assert r.status_code == 200, (path, body, r.status_code, r.text)
         return dict(r.json())
 
     def handoff(
-        self, sid: str, to: str, frm: str = "", key: str | None = None, **kw: Any
+        self,
+        sid: str,
+        to: str,
+        frm: str = "",
+        key: str | None = None,
+        token: str | None = None,
+        **kw: Any,
     ) -> dict[str, Any]:
-        return self._decide(
-            HANDOFF, {"session_id": sid, "from_agent": frm, "to_agent": to, **kw}, key
+        """Delegate from ``frm`` with its lineage token (``token`` overrides it), starting
+        ``frm`` first if this client has not; without ``frm``, start the session's root.
+        An allowed answer's token is kept for ``to`` and taken out of the answer."""
+        if token is None:
+            self._ensure(sid, frm, key)
+        if not frm:
+            self.roots.setdefault(sid, to)
+        tok = self.token(sid, frm) if token is None and frm else (token or "")
+        answer = self._decide(
+            HANDOFF, {"session_id": sid, "from_agent": frm, "to_agent": to, **kw}, key, tok
         )
+        if answer.get("lineage_token"):
+            self.tokens[(sid, to)] = answer.pop("lineage_token")
+        return answer
 
     def tool(
-        self, sid: str, agent: str, tool: str, key: str | None = None, **kw: Any
+        self,
+        sid: str,
+        agent: str,
+        tool: str,
+        key: str | None = None,
+        token: str | None = None,
+        **kw: Any,
     ) -> dict[str, Any]:
-        return self._decide(TOOL, {"session_id": sid, "agent_id": agent, "tool": tool, **kw}, key)
+        if token is None:
+            self._ensure(sid, agent, key)
+        tok = self.token(sid, agent) if token is None else token
+        return self._decide(
+            TOOL, {"session_id": sid, "agent_id": agent, "tool": tool, **kw}, key, tok
+        )
 
-    def usage(self, sid: str, agent: str, key: str | None = None, **kw: Any) -> dict[str, Any]:
-        return self._decide(USAGE, {"session_id": sid, "agent_id": agent, **kw}, key)
+    def usage(
+        self, sid: str, agent: str, key: str | None = None, token: str | None = None, **kw: Any
+    ) -> dict[str, Any]:
+        if token is None:
+            self._ensure(sid, agent, key)
+        tok = self.token(sid, agent) if token is None else token
+        return self._decide(USAGE, {"session_id": sid, "agent_id": agent, **kw}, key, tok)
 
     def kill(
-        self, sid: str, actor: str = "", reason: str = "", key: str | None = None
+        self,
+        sid: str,
+        actor: str = "",
+        reason: str = "",
+        key: str | None = None,
+        unseen: bool = False,
+        wait_s: float = 0.0,
     ) -> httpx.Response:
-        return self.post(f"/api/v1/sessions/{sid}/kill", {"actor": actor, "reason": reason}, key)
+        body = {"actor": actor, "reason": reason, "unseen": unseen, "wait_s": wait_s}
+        return self.post(f"/api/v1/sessions/{sid}/kill", body, key)
 
     def session(self, sid: str, key: str | None = None) -> dict[str, Any]:
         r = self.get(f"/api/v1/sessions/{sid}", key)
@@ -308,6 +370,8 @@ BURST = """\
 import json, os, sys, threading
 import httpx
 
+TOKEN_HEADER = "Agentgov-Lineage-Token"
+
 spec = json.loads(sys.stdin.readline())
 reqs = spec["requests"]
 results = [None] * len(reqs)
@@ -321,8 +385,8 @@ def work(idxs):
         warm.wait()
         go.wait()
         for i in idxs:
-            path, body = reqs[i]
-            r = c.post(path, json=body)
+            path, body, *token = reqs[i]
+            r = c.post(path, json=body, headers={TOKEN_HEADER: token[0]} if token else {})
             results[i] = [r.status_code, r.json()]
 
 
@@ -345,12 +409,13 @@ print(json.dumps({"pid": os.getpid(), "results": results}), flush=True)
 def burst(
     tmp_path: Path,
     url: str,
-    requests: list[tuple[str, dict[str, Any]]],
+    requests: list[tuple[str, dict[str, Any]]] | list[tuple[str, dict[str, Any], str]],
     processes: int = 4,
     threads: int = 4,
     headers: dict[str, str] | None = None,
 ) -> list[tuple[dict[str, Any], int, dict[str, Any]]]:
-    """Send ``requests`` at once from ``processes`` OS processes, ``threads`` threads each.
+    """Send ``requests`` (path, body[, lineage token]) at once from ``processes`` OS
+    processes, ``threads`` threads each.
 
     Every process warms its connections, says ready, and waits for one "go" sent to all.
     Returns (request body, status, answer) per request.
@@ -391,8 +456,8 @@ def burst(
     for chunk, out in zip(chunks, outs, strict=True):
         done = json.loads(out.strip().splitlines()[-1])
         pids.add(done["pid"])
-        for (_, body), (status, answer) in zip(chunk, done["results"], strict=True):
-            answers.append((body, status, answer))
+        for request, (status, answer) in zip(chunk, done["results"], strict=True):
+            answers.append((request[1], status, answer))
     assert len(pids) == processes and os.getpid() not in pids
     assert len(answers) == len(requests)
     return answers
@@ -560,8 +625,10 @@ def test_decisions_list_names_the_calling_key(keyed: Gov) -> None:
 
 def test_concurrent_handoffs_respect_handoff_budget(lit: Gov, tmp_path: Path) -> None:
     sid = "lit-burst-handoffs"
+    lit.handoff(sid, "planner")
+    token = lit.token(sid, "planner")
     reqs = [
-        (HANDOFF, {"session_id": sid, "from_agent": "planner", "to_agent": f"w-{i}"})
+        (HANDOFF, {"session_id": sid, "from_agent": "planner", "to_agent": f"w-{i}"}, token)
         for i in range(64)
     ]
     answers = burst(tmp_path, lit.url, reqs)
@@ -570,16 +637,23 @@ def test_concurrent_handoffs_respect_handoff_budget(lit: Gov, tmp_path: Path) ->
     assert len(allowed) == 8
     figures = lit.figures(sid)
     assert figures["governed_handoffs"] == 8
-    assert figures["governed_agents"] == 8
-    assert figures["decisions"] == 64
+    assert figures["governed_agents"] == 9  # the planner and its eight
+    assert figures["decisions"] == 65
     assert lit.verify(sid)["ok"] is True
-    assert lit.verify(sid)["records"] == 64
+    assert lit.verify(sid)["records"] == 65
 
 
 def test_concurrent_tool_calls_respect_shared_tool_budget(lit: Gov, tmp_path: Path) -> None:
     sid = "lit-burst-tools"
+    lit.handoff(sid, "planner")
+    for i in range(6):
+        lit.handoff(sid, f"a-{i}", frm="planner")
     reqs = [
-        (TOOL, {"session_id": sid, "agent_id": f"a-{i % 6}", "tool": "search.read"})
+        (
+            TOOL,
+            {"session_id": sid, "agent_id": f"a-{i % 6}", "tool": "search.read"},
+            lit.token(sid, f"a-{i % 6}"),
+        )
         for i in range(60)
     ]
     answers = burst(tmp_path, lit.url, reqs)
@@ -598,10 +672,12 @@ def test_concurrent_tool_calls_respect_shared_tool_budget(lit: Gov, tmp_path: Pa
 
 def test_concurrent_handoffs_respect_shared_usd_budget(budget: Gov, tmp_path: Path) -> None:
     sid = "budget-burst"
+    budget.handoff(sid, "planner")
     reqs = [
         (
             HANDOFF,
             {"session_id": sid, "from_agent": "planner", "to_agent": f"w-{i}", "estimated_usd": 1},
+            budget.token(sid, "planner"),
         )
         for i in range(40)
     ]
@@ -628,19 +704,25 @@ def test_concurrent_handoffs_respect_shared_usd_budget(budget: Gov, tmp_path: Pa
     assert outcomes(answers) == {"allow": 10, "stop/shared_budget_exceeded": 30}
     figures = budget.figures(sid)
     assert figures["budget_usd"] == 10.0
-    assert figures["governed_agents"] == 10
+    assert figures["governed_agents"] == 11  # the planner (estimate 0) and ten
     assert seen and max(seen) <= 10.0
 
 
 def test_concurrency_cap_under_load_and_freed_by_finish(appr: Gov, tmp_path: Path) -> None:
     sid = "appr-burst-concurrency"
+    appr.handoff(sid, "planner")
+    token = appr.token(sid, "planner")
     reqs = [
-        (HANDOFF, {"session_id": sid, "from_agent": "planner", "to_agent": f"w-{i}"})
+        (HANDOFF, {"session_id": sid, "from_agent": "planner", "to_agent": f"w-{i}"}, token)
         for i in range(24)
     ]
     answers = burst(tmp_path, appr.url, reqs)
-    assert outcomes(answers) == {"allow": 3, "stop/concurrency_limit": 21}
+    # the planner holds one of the three slots
+    assert outcomes(answers) == {"allow": 2, "stop/concurrency_limit": 22}
     running = sorted(body["to_agent"] for body, _, a in answers if a["outcome"] == "allow")
+    for body, _, a in answers:
+        if a["outcome"] == "allow":
+            appr.tokens[(sid, body["to_agent"])] = a["lineage_token"]
     assert appr.figures(sid)["active_agents"] == 3
 
     assert appr.handoff(sid, "extra-1", frm="planner") == {
@@ -674,17 +756,18 @@ def test_delegation_depth_exceeded(lit: Gov) -> None:
         "outcome": "stop",
         "reason": "delegation_depth_exceeded",
     }
-    # an agent the governor has not seen reports its own depth
-    assert lit.handoff("lit-depth-2", "x", frm="outside", depth=4)["reason"] == (
-        "delegation_depth_exceeded"
+    # depth is the governor's: a delegating agent it never started cannot claim one
+    assert lit.handoff("lit-depth-2", "x", frm="outside", depth=0, token="")["reason"] == (
+        "unknown_agent"
     )
-    assert lit.handoff("lit-depth-2", "y", frm="outside", depth=3)["outcome"] == "allow"
 
 
 def test_tool_not_allowed(lit: Gov) -> None:
     sid = "lit-tools"
     answer = lit.tool(sid, "worker", "shell.exec", command="rm -rf /srv/data")
     assert (answer["outcome"], answer["reason"]) == ("stop", "tool_not_allowed")
+    # the answer names the tool and what the allowlist holds
+    assert answer["detail"] == "tool 'shell.exec' is not on the allowlist: search.read, http.get"
     assert answer["risk"] == 80  # scored even when stopped: destructive 60 + write scope 20
     answer = lit.tool(sid, "worker", "search.read", command="find refunds")
     assert (answer["outcome"], answer["reason"], answer["risk"]) == ("allow", None, 0)
@@ -707,13 +790,15 @@ def test_agent_budget_exceeded(appr: Gov) -> None:
     assert appr.handoff(sid, "w-0", frm="planner")["outcome"] == "allow"
 
 
-def test_finished_usage_of_unseen_agents_frees_concurrency(appr: Gov) -> None:
+def test_usage_of_agents_never_started_is_refused_and_changes_nothing(appr: Gov) -> None:
     sid = "appr-ghosts"
+    appr.handoff(sid, "planner")
+    before = appr.figures(sid)
     for i in range(3):
-        assert appr.usage(sid, f"ghost-{i}", usd=0.1, finished=True)["outcome"] == "allow"
-    figures = appr.figures(sid)
-    assert figures["budget_usd"] == pytest.approx(0.3)  # their spend counts (documented)
-    assert figures["active_agents"] == 0  # but they said they are finished
+        answer = appr.usage(sid, f"ghost-{i}", usd=0.1, finished=True, token="")
+        assert (answer["outcome"], answer["reason"]) == ("stop", "unknown_agent")
+    # not even a record: a refusal nobody can be held to is not written into the chain
+    assert appr.figures(sid) == before
     assert appr.handoff(sid, "worker", frm="planner")["outcome"] == "allow"
 
 
@@ -775,22 +860,29 @@ def test_permission_escalation_by_parent_and_role(budget: Gov) -> None:
     # the role's own permissions in the policy (cleanup: fs.write:/opt/app/logs)
     sid = "budget-role"
     role = {"to_role": "cleanup"}
+    assert budget.handoff(sid, "root", permissions=["fs.write:/"])["outcome"] == "allow"
     assert (
-        budget.handoff(sid, "c1", permissions=["fs.write:/opt/app/logs"], **role)["outcome"]
+        budget.handoff(sid, "c1", frm="root", permissions=["fs.write:/opt/app/logs"], **role)[
+            "outcome"
+        ]
         == "allow"
     )
     assert (
-        budget.handoff(sid, "c2", permissions=["fs.write:/opt/app/logs/today"], **role)["outcome"]
+        budget.handoff(sid, "c2", frm="root", permissions=["fs.write:/opt/app/logs/today"], **role)[
+            "outcome"
+        ]
         == "allow"
     )
-    assert budget.handoff(sid, "c3", permissions=["fs.write:/opt/app"], **role)["reason"] == (
-        "permission_escalation"
-    )
+    assert budget.handoff(sid, "c3", frm="root", permissions=["fs.write:/opt/app"], **role)[
+        "reason"
+    ] == ("permission_escalation")
     assert (
-        budget.handoff(sid, "c4", permissions=["fs.write:/opt/app/logsx"], **role)["reason"]
+        budget.handoff(sid, "c4", frm="root", permissions=["fs.write:/opt/app/logsx"], **role)[
+            "reason"
+        ]
         == "permission_escalation"
     )
-    assert budget.figures(sid)["governed_agents"] == 2
+    assert budget.figures(sid)["governed_agents"] == 3
 
 
 # == 4. approvals ==============================================================================
@@ -839,7 +931,7 @@ def test_approval_denied_for_write_delegation(appr: Gov) -> None:
     assert r.status_code == 200 and r.json()["status"] == "denied"
     again = appr.handoff(sid, "rotator", frm="planner", approval_id=aid, **ask)
     assert (again["outcome"], again["reason"]) == ("stop", "approval_denied")
-    assert appr.figures(sid)["governed_agents"] == 0
+    assert appr.figures(sid)["governed_agents"] == 1  # the planner only
 
 
 def test_high_risk_and_task_approvals(appr: Gov) -> None:
@@ -879,7 +971,7 @@ def test_approval_does_not_cover_wider_permissions(appr: Gov) -> None:
 def test_kill_cancels_pending_approvals(appr: Gov) -> None:
     sid = "appr-kill"
     a1 = appr.tool(sid, "refunder", "billing.refund.create", command="refund 1")["approval_id"]
-    a2 = appr.handoff(sid, "closer", frm="planner", task="close_account")["approval_id"]
+    a2 = appr.handoff(sid, "closer", frm="refunder", task="close_account")["approval_id"]
     r = appr.kill(sid, actor="oncall", reason="fraud suspected")
     assert r.status_code == 200
     assert sorted(r.json()["cancelled_approvals"]) == sorted([a1, a2])
@@ -888,7 +980,7 @@ def test_kill_cancels_pending_approvals(appr: Gov) -> None:
     assert appr.approval(a1)["status"] == "cancelled"
     again = appr.tool(sid, "refunder", "billing.refund.create", command="refund 1", approval_id=a1)
     assert (again["outcome"], again["reason"]) == ("stop", "session_killed")
-    again = appr.handoff(sid, "closer", frm="planner", task="close_account", approval_id=a2)
+    again = appr.handoff(sid, "closer", frm="refunder", task="close_account", approval_id=a2)
     assert (again["outcome"], again["reason"]) == ("stop", "session_killed")
     assert appr.decide(a1, True, approver="alice").status_code == 409
 
@@ -898,9 +990,9 @@ def test_agent_cannot_approve_own_request_without_keys(appr: Gov) -> None:
     aid = appr.tool(sid, "refunder", "billing.refund.create", command="refund 7")["approval_id"]
     r = appr.decide(aid, True, approver="refunder")
     assert r.status_code == 403 and "own request" in r.json()["error"]
-    hid = appr.handoff(sid, "closer", frm="planner", task="close_account")["approval_id"]
-    assert appr.decide(hid, True, approver="planner").status_code == 403
-    assert appr.decide(hid, False, approver="planner").status_code == 403
+    hid = appr.handoff(sid, "closer", frm="refunder", task="close_account")["approval_id"]
+    assert appr.decide(hid, True, approver="refunder").status_code == 403
+    assert appr.decide(hid, False, approver="refunder").status_code == 403
     assert appr.approval(aid)["status"] == "pending"
     assert appr.approval(hid)["status"] == "pending"
     # no approver named at all
@@ -939,8 +1031,16 @@ def test_api_keys_and_roles(keyed: Gov) -> None:
     assert keyed.post(HANDOFF, body, key="not-a-configured-key-123").status_code == 401
     wrong = keyed.post(HANDOFF, body, key=REVIEWER_KEY)
     assert wrong.status_code == 403 and "reviewer" in wrong.json()["error"]
-    assert keyed.post(HANDOFF, body, key=AGENT_KEY).json()["outcome"] == "allow"
-    assert keyed.post(HANDOFF, {**body, "to_agent": "x"}, key=ADMIN_KEY).status_code == 200
+    planner = keyed.post(HANDOFF, body, key=AGENT_KEY).json()
+    assert planner["outcome"] == "allow"
+    # the admin key may decide too (a delegation by the planner, with its token)
+    x = keyed.post(
+        HANDOFF,
+        {**body, "from_agent": "planner", "to_agent": "x"},
+        key=ADMIN_KEY,
+        token=planner["lineage_token"],
+    )
+    assert (x.status_code, x.json()["outcome"]) == (200, "allow")
 
     # the query API needs a key too
     assert httpx.get(f"{keyed.url}/api/v1/sessions", timeout=30).status_code == 401
@@ -969,11 +1069,15 @@ def test_approve_needs_reviewer_and_not_the_requester(keyed: Gov) -> None:
     assert keyed.approval(aid, key=REVIEWER_KEY)["requester"] == "bot"
     r = keyed.decide(aid, True, approver="alice", key=AGENT_KEY)
     assert r.status_code == 403 and "approve" in r.json()["error"]
+    # what sessions wait for is the reviewers' business: agent keys cannot list approvals
+    listed = keyed.get("/api/v1/approvals", key=AGENT_KEY)
+    assert listed.status_code == 403 and "reviewer" in listed.json()["error"]
+    assert keyed.get(f"/api/v1/approvals/{aid}", key=AGENT_KEY).status_code == 403
     assert keyed.decide(aid, True, approver="alice", key="").status_code == 401
     # a reviewer key with the requesting agent key's name ("bot") cannot approve it either
     same = keyed.decide(aid, True, key=BOT_REVIEWER_KEY)
     assert same.status_code == 403 and "own request" in same.json()["error"]
-    assert keyed.approval(aid, key=AGENT_KEY)["status"] == "pending"
+    assert keyed.approval(aid, key=REVIEWER_KEY)["status"] == "pending"
     ok = keyed.decide(aid, True, approver="bot", key=REVIEWER_KEY)  # name comes from the key
     assert ok.status_code == 200
     assert (ok.json()["status"], ok.json()["approver"]) == ("approved", "rev")
@@ -992,7 +1096,7 @@ MALFORMED_KEYS = [
     (
         "bot:agent:short",
         "AGENTGOV_API_KEYS entry 1: needs a name of letters, digits and . _ : @ - (64 at most), "
-        "a role among agent, reviewer, admin and a key of 16 characters or more",
+        "a role among agent, reviewer, admin, ingest and a key of 16 characters or more",
     ),
     ("justonefield", "AGENTGOV_API_KEYS entry 1 is not name:role:key"),
     (
@@ -1068,13 +1172,19 @@ def test_kill_stops_everything_later(lit: Gov) -> None:
     lit.handoff(sid, "worker", frm="planner")
     r = lit.kill(sid, actor="oncall", reason="runaway loop")
     assert r.status_code == 200
-    assert r.json() == {
+    answer = r.json()
+    assert {k: answer[k] for k in ("session_id", "actor", "reason", "status")} == {
         "session_id": sid,
         "actor": "oncall",
         "reason": "runaway loop",
-        "cancelled_approvals": [],
         "status": "killed",
     }
+    assert answer["cancelled_approvals"] == []
+    # the answer lists the agents it stopped: both were running, neither has said so yet
+    assert [(a["agent_id"], a["running_at_kill"], a["acknowledged"]) for a in answer["agents"]] == [
+        ("planner", True, False),
+        ("worker", True, False),
+    ]
     summary = lit.session(sid)
     assert summary["status"] == "killed"
     assert (summary["governor"]["killed_by"], summary["governor"]["kill_reason"]) == (
@@ -1096,7 +1206,10 @@ def test_kill_stops_everything_later(lit: Gov) -> None:
 
     # killed before any agent started: the first agent is refused
     early = "lit-kill-early"
-    assert lit.kill(early, actor="oncall", reason="bad intent").status_code == 200
+    # an id nobody used is a 404 (a typo must not read as a kill) unless said on purpose
+    unknown = lit.kill(early, actor="oncall", reason="bad intent")
+    assert unknown.status_code == 404 and '"unseen": true' in unknown.json()["error"]
+    assert lit.kill(early, actor="oncall", reason="bad intent", unseen=True).status_code == 200
     assert lit.handoff(early, "planner") == {
         **killed,
         "killed": {"actor": "oncall", "reason": "bad intent"},
@@ -1167,11 +1280,9 @@ def test_shadow_mode_allows_and_reports(shadow: Gov) -> None:
     # shadow decisions never block: every one of them went ahead
     assert (figures["governed_agents"], figures["governed_handoffs"]) == (4, 3)
 
-    shadowed(
-        shadow.handoff("shadow-depth", "deep", frm="x", depth=3),
-        "stop",
-        "delegation_depth_exceeded",
-    )
+    for parent, child in (("", "d0"), ("d0", "d1"), ("d1", "d2")):
+        shadow.handoff("shadow-depth", child, frm=parent)
+    shadowed(shadow.handoff("shadow-depth", "d3", frm="d2"), "stop", "delegation_depth_exceeded")
     shadowed(
         shadow.handoff("shadow-usd", "spender", frm="p", estimated_usd=2),
         "stop",
@@ -1186,7 +1297,9 @@ def test_shadow_mode_allows_and_reports(shadow: Gov) -> None:
     )
     assert "shadow" not in shadow.tool("shadow-tool", "w", "search.read")
 
-    assert shadow.kill("shadow-kill", actor="oncall", reason="drill").status_code == 200
+    assert (
+        shadow.kill("shadow-kill", actor="oncall", reason="drill", unseen=True).status_code == 200
+    )
     shadowed(shadow.handoff("shadow-kill", "planner"), "stop", "session_killed")
     shadowed(shadow.tool("shadow-kill", "planner", "search.read"), "stop", "session_killed")
 
@@ -1291,8 +1404,8 @@ def test_restart_keeps_state_and_audit_chain_detects_tampering(tmp_path: Path) -
         )
         assert gov.handoff(s_kill, "w", frm="planner")["reason"] == "session_killed"
 
-        assert gov.approval(aid)["status"] == "pending"
-        assert aid in {a["approval_id"] for a in gov.approvals("pending")}
+        assert gov.approval(aid, key=REVIEWER_KEY)["status"] == "pending"
+        assert aid in {a["approval_id"] for a in gov.approvals("pending", key=REVIEWER_KEY)}
 
         res = cli("audit", "verify", s_budget, "--url", proc.url, env=admin_env)
         assert res.returncode == 0, res.stderr
@@ -1300,7 +1413,8 @@ def test_restart_keeps_state_and_audit_chain_detects_tampering(tmp_path: Path) -
         res = cli("audit", "verify", s_kill, "--url", proc.url, env=admin_env)
         assert res.returncode == 0, res.stderr
         assert res.stdout.strip() == f"ok: 3 decision records of {s_kill}, chain intact"
-        assert gov.verify(s_appr)["records"] == 2 and gov.verify(s_appr)["ok"] is True
+        # the refunder's start, the approval request and the tool decision
+        assert gov.verify(s_appr)["records"] == 3 and gov.verify(s_appr)["ok"] is True
         assert gov.verify(s_lit) == {
             "session_id": s_lit,
             "records": 4,

@@ -759,8 +759,10 @@ def test_invalid_ids_and_grants_are_rejected_where_they_are_given(gov: Governanc
             root.delegate("child", agent_id="a,b")
         with pytest.raises(InvalidIdError, match="invalid agent id"):
             root.handoff("child", agent_id="x" * 129)
-        with pytest.raises(ValueError, match="invalid permission 'a,b'"):
+        with pytest.raises(ValueError, match="permission 'a,b' holds a comma"):
             root.delegate("child", permissions=["a,b"])
+        with pytest.raises(ValueError, match=r"climbs out of its path with '\.\.'"):
+            root.delegate("child", permissions=["fs.read:/opt/app/../../etc/shadow"])
 
 
 @pytest.mark.parametrize(

@@ -140,21 +140,72 @@ class QueryApi:
         sid = request.path_params["session_id"]
         return await self._guard(self._session, sid, request=request)
 
+    def _graph(self, sid: str) -> dict[str, Any]:
+        """The session's graph from its spans, with the governor's lineage over it.
+
+        An agent the governor started has the parent and depth the governor allowed,
+        whatever its spans say: a span cannot re-parent a governed agent. Each node says
+        whether the governor vouches for it (``verified``: it issued the agent a lineage
+        token) and whether spans contradict that lineage (``contradicted``).
+        """
+        governed = self.governor.lineage(sid) if self.governor is not None else {}
+        try:
+            g = self.analytics.graph(sid)
+            nodes = records(g.nodes)
+        except SessionNotFound:
+            if not governed:
+                raise
+            nodes = []
+        by_id = {n["id"]: n for n in nodes}
+        for agent_id, lin in governed.items():
+            node = by_id.get(agent_id)
+            if node is None:  # allowed by the governor, no span stored yet
+                node = by_id[agent_id] = {
+                    "id": agent_id, "name": "", "role": lin["role"], "depth": lin["depth"],
+                    "risk": 0, "tool_calls": 0, "usd": 0.0, "parent_id": lin["parent_id"],
+                    "task": "", "error": 0,
+                }  # fmt: skip
+                nodes.append(node)
+            node["contradicted"] = (node["parent_id"] or "") != lin["parent_id"] or int(
+                node["depth"]
+            ) != int(lin["depth"])
+            node["parent_id"], node["depth"] = lin["parent_id"], lin["depth"]
+            node["verified"] = bool(lin["token_id"])
+            node["lineage"] = "governor"
+        for node in nodes:
+            node.setdefault("verified", False)
+            node.setdefault("contradicted", False)
+            node.setdefault("lineage", "spans")
+        nodes.sort(key=lambda n: (int(n["depth"]), str(n["id"])))
+        edges = [
+            {"source": n["parent_id"], "target": n["id"], "task": n.get("task", "")}
+            for n in nodes
+            if n["parent_id"]
+        ]
+        return {"session_id": sid, "nodes": nodes, "edges": edges}
+
     async def graph(self, request: Request) -> Response:
         sid = request.path_params["session_id"]
+        return await self._guard(self._graph, sid, request=request)
 
-        def build() -> dict[str, Any]:
-            g = self.analytics.graph(sid)
-            return {"session_id": sid, "nodes": records(g.nodes), "edges": records(g.edges)}
-
-        return await self._guard(build, request=request)
+    def _audit(self, sid: str) -> dict[str, Any]:
+        """The session's commands, each marked ``verified`` when its span's proof shows the
+        agent it names ran it (see governor/tokens.py)."""
+        rows = records(self.analytics.audit(sid))
+        tokens = self.governor.tokens if self.governor is not None else None
+        lineage = self.analytics.span_lineage(
+            [r["trace_id"] for r in rows], [r["span_id"] for r in rows]
+        )
+        for r in rows:
+            token_id, proof = lineage.get((r["trace_id"], r["span_id"]), ("", ""))
+            r["verified"] = tokens is not None and tokens.proves(
+                token_id, sid, str(r["agent_id"]), r["trace_id"], r["span_id"], proof
+            )
+        return {"session_id": sid, "commands": rows}
 
     async def audit(self, request: Request) -> Response:
         sid = request.path_params["session_id"]
-        return await self._guard(
-            lambda: {"session_id": sid, "commands": records(self.analytics.audit(sid))},
-            request=request,
-        )
+        return await self._guard(self._audit, sid, request=request)
 
     async def fanout(self, request: Request) -> Response:
         try:

@@ -2,8 +2,9 @@
 
 Keys come from the environment (``AGENTGOV_API_KEYS="name:role:key,..."``) or a YAML file
 (``--api-keys FILE``: ``keys: [{name, role, key}]``), never from code. Callers send
-``Authorization: Bearer <key>``. With no keys configured the API is open (local use);
-the collector says so at start.
+``Authorization: Bearer <key>``: the API, and OTLP exporters too (HTTP header or gRPC
+metadata, e.g. ``OTEL_EXPORTER_OTLP_HEADERS=Authorization=Bearer%20<key>``). With no keys
+configured everything is open (local use); the collector says so at start.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-ROLES = ("agent", "reviewer", "admin")
+ROLES = ("agent", "reviewer", "admin", "ingest")
 
 #: action -> roles allowed to perform it
 ALLOWED: dict[str, frozenset[str]] = {
+    # OTLP spans (HTTP and gRPC); ``ingest`` keys are for pipelines that only forward spans
+    "ingest": frozenset({"agent", "admin", "ingest"}),
     "decide": frozenset({"agent", "admin"}),  # decisions, usage
     "events": frozenset({"agent", "reviewer", "admin"}),  # control-event streams
     "approve": frozenset({"reviewer", "admin"}),  # approve, deny, list approvals
@@ -46,7 +49,7 @@ class Caller:
 class _KeyEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9._:@-]{1,64}$")
-    role: str = Field(pattern="^(agent|reviewer|admin)$")
+    role: str = Field(pattern="^(agent|reviewer|admin|ingest)$")
     key: str = Field(min_length=16)
 
 

@@ -75,6 +75,13 @@ def main() -> None:
     help="API keys YAML (keys in AGENTGOV_API_KEYS are added).",
 )
 @click.option(
+    "--signing-keys",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Lineage signing keys (PASERK k4.secret, one per line, newest first; "
+    "AGENTGOV_SIGNING_KEYS wins). Default: a key made once in the embedded data folder.",
+)
+@click.option(
     "--alert-rules",
     multiple=True,
     type=click.Path(exists=True),
@@ -97,6 +104,7 @@ def collector(
     risk_rules: str | None,
     policy_path: str | None,
     api_keys: str | None,
+    signing_keys: str | None,
     alert_rules: tuple[str, ...],
     max_request_bytes: int,
     max_attributes: int,
@@ -120,6 +128,7 @@ def collector(
         risk_rules=risk_rules,
         policy=policy_path,
         api_keys=api_keys,
+        signing_keys=signing_keys,
         alert_rules=alert_rules,
         limits=Limits(max_request_bytes=max_request_bytes, max_attributes=max_attributes),
         log_level=log_level,
@@ -208,17 +217,47 @@ def audit(url: str | None, as_json: bool, args: tuple[str, ...]) -> None:
     _run(go)
 
 
+#: ``agentgov kill`` exit code when the session was killed but no agent was seen stopping
+EXIT_NOTHING_STOPPED = 3
+
+
 @main.command()
 @url_option
+@json_option
 @click.argument("session_id")
 @click.option("--reason", required=True, help="Why the session is stopped (recorded).")
-def kill(url: str | None, session_id: str, reason: str) -> None:
-    """Stop every agent of a session, in every process, including agents not yet started."""
+@click.option(
+    "--wait",
+    "wait_s",
+    default=0.0,
+    type=click.FloatRange(0, 60),
+    help="Wait up to this many seconds for the running agents to acknowledge the stop.",
+)
+@click.option(
+    "--unseen",
+    is_flag=True,
+    help="Kill an id no agent has used yet (pre-kill): its agents are refused at start.",
+)
+def kill(
+    url: str | None, as_json: bool, session_id: str, reason: str, wait_s: float, unseen: bool
+) -> None:
+    """Stop every agent of a session, in every process, including agents not yet started.
+
+    Lists the session's agents and which acknowledged the stop. Exit codes: 0 when agents
+    were running and (with --wait) all of them acknowledged; 1 on an error (an unknown
+    session without --unseen, say); 3 when the kill is in force but no running agent was
+    seen stopping (none was running, or --wait ran out first).
+    """
 
     def go() -> None:
-        result = _client(url).kill(session_id, reason)
-        cancelled = len(result["cancelled_approvals"])
-        click.echo(f"killed {session_id} ({cancelled} pending approvals cancelled)")
+        result = _client(url).kill(session_id, reason, wait_s=wait_s, unseen=unseen)
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+        else:
+            click.echo(render.kill_report(result))
+        running, acked = result["running_at_kill"], result["acknowledged"]
+        if running == 0 or (wait_s > 0 and acked < running):
+            sys.exit(EXIT_NOTHING_STOPPED)
 
     _run(go)
 
@@ -263,6 +302,23 @@ def approve(url: str | None, approval_id: str, deny: bool, approver: str, commen
         click.echo(f"{approval_id}: {result['status']}")
 
     _run(go)
+
+
+@main.group()
+def keys() -> None:
+    """Keys the collector needs."""
+
+
+@keys.command("generate")
+def keys_generate() -> None:
+    """Print a new lineage signing key (PASERK k4.secret) for AGENTGOV_SIGNING_KEYS.
+
+    Rotation: put the new key first (AGENTGOV_SIGNING_KEYS=new,old), restart, and drop
+    the old one after one token lifetime (the policy's lineage_ttl_s).
+    """
+    from agentgov.collector.governor.tokens import generate_key
+
+    click.echo(generate_key())
 
 
 @main.group()

@@ -69,12 +69,16 @@ class CollectorClient:
     def fanout(self, session_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         return list(self.get("/api/v1/fanout", session=session_id, limit=limit)["agents"])
 
-    def kill(self, session_id: str, reason: str, actor: str = "") -> dict[str, Any]:
-        return dict(
-            self.post(
-                f"/api/v1/sessions/{_segment(session_id)}/kill", {"actor": actor, "reason": reason}
-            )
-        )
+    def kill(
+        self,
+        session_id: str,
+        reason: str,
+        actor: str = "",
+        wait_s: float = 0.0,
+        unseen: bool = False,
+    ) -> dict[str, Any]:
+        body = {"actor": actor, "reason": reason, "wait_s": wait_s, "unseen": unseen}
+        return dict(self.post(f"/api/v1/sessions/{_segment(session_id)}/kill", body))
 
     def verify(self, session_id: str) -> dict[str, Any]:
         return dict(self.get(f"/api/v1/sessions/{_segment(session_id)}/decisions/verify"))

@@ -112,3 +112,31 @@ def alerts_table(events: list[dict[str, Any]]) -> str:
         for outcome in outcomes.get(e["alert_id"], []):
             lines.append(f"      → {outcome}")
     return "\n".join(lines)
+
+
+def kill_report(result: dict[str, Any]) -> str:
+    """What a kill did: each known agent of the session, and whether it stopped."""
+    agents = result.get("agents") or []
+    cancelled = len(result.get("cancelled_approvals") or [])
+    lines = [
+        f"killed {result['session_id']}: {result['acknowledged']} of "
+        f"{result['running_at_kill']} running agents acknowledged the stop"
+        + (f" within {result['waited_s']:g} s" if result.get("waited_s") else "")
+        + f"; {cancelled} pending approvals cancelled"
+    ]
+    if not agents:
+        lines.append(
+            "no governed agent is known: agents of this session are refused at their "
+            "next governed step and at start"
+        )
+    else:
+        lines.append(f"{'AGENT':<44} {'AT THE KILL':<12} STOPPED")
+        for a in agents:
+            state = "running" if a["running_at_kill"] else "finished"
+            if a["acknowledged"]:
+                after = float(a["stopped_at"]) - float(result.get("killed_at") or a["stopped_at"])
+                stopped = f"yes, {max(after, 0.0) * 1000:.0f} ms after the kill"
+            else:
+                stopped = "not yet" if a["running_at_kill"] else "-"
+            lines.append(f"{a['agent_id']:<44} {state:<12} {stopped}")
+    return "\n".join(lines)

@@ -2,8 +2,10 @@
 
 One rule set is evaluated in two places: in Python (the governor scores a command before
 it runs) and, compiled to SQL, inside ClickHouse (the materialized view scores every
-stored span, whichever route it arrived by). Patterns are RE2 regular expressions, the
-subset both engines read the same way.
+stored span, whichever route it arrived by). Both run the same engine, RE2, with the same
+options (``.`` matches a newline, as in ClickHouse): matching takes time linear in the
+command's length whatever the pattern, so no crafted command can stall a decision, and
+the two scores cannot disagree.
 """
 
 from __future__ import annotations
@@ -17,16 +19,12 @@ from dataclasses import dataclass
 from importlib import resources as importlib_resources
 from pathlib import Path
 
+import re2
 import yaml
 from clickhouse_connect.driver.binding import format_query_value
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agentgov.collector.validation import problems
-
-# RE2 (ClickHouse) and Python's re differ outside ASCII; these make Python read a pattern
-# as RE2 does: ASCII classes and case folding, and RE2's \s, which excludes \v.
-_RE2_SPACE = "[\t\n\f\r ]"
-_ESCAPED_S = re.compile(r"(?<!\\)((?:\\\\)*)\\([sS])")
 
 # Both engines match the NFKC form of a command, with Unicode spaces and \v read as a
 # plain space: "ｒｍ -ｒｆ" (fullwidth) or "rm<no-break space>-rf" cannot slip past a rule
@@ -38,14 +36,20 @@ _SQL_SPACES = (
 )
 
 
-def compile_re2(pattern: str) -> re.Pattern[str]:
-    """Compile an RE2 pattern with Python's re so that both match the same strings."""
+def _re2_options() -> re2.Options:
+    options = re2.Options()
+    options.dot_nl = True  # as ClickHouse's match() compiles its patterns
+    options.never_capture = True
+    options.log_errors = False
+    return options
 
-    def swap(m: re.Match[str]) -> str:
-        cls = _RE2_SPACE if m.group(2) == "s" else "[^\t\n\f\r ]"
-        return m.group(1) + cls
 
-    return re.compile(_ESCAPED_S.sub(swap, pattern), re.ASCII)
+_RE2_OPTIONS = _re2_options()
+
+
+def compile_re2(pattern: str) -> re2._Regexp:
+    """Compile ``pattern`` with RE2 as ClickHouse does; :class:`re2.error` if it is not RE2."""
+    return re2.compile(pattern, _RE2_OPTIONS)
 
 
 def normalize(text: str) -> str:
@@ -59,6 +63,10 @@ def sql_normalize(expr: str) -> str:
         f"replaceRegexpAll(normalizeUTF8NFKC(toValidUTF8({expr})), "
         f"{format_query_value(_SQL_SPACES)}, ' ')"
     )
+
+
+#: commands longer than this are scored every time instead of cached (bounds the cache)
+_CACHED_COMMAND = 4096
 
 
 class RiskRule(BaseModel):
@@ -76,12 +84,16 @@ class RiskRule(BaseModel):
     @classmethod
     def _compiles(cls, pattern: str | None) -> str | None:
         if pattern is not None:
-            if re.search(r"\(\?[=!<]|\\[1-9]", pattern):
-                raise ValueError("look-arounds and backreferences are not RE2: rewrite without")
             try:
                 compile_re2(pattern)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from exc
+            except re2.error as exc:
+                detail = (
+                    exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+                )
+                raise ValueError(
+                    f"not an RE2 regular expression ({detail}); RE2 has no look-arounds "
+                    "or backreferences"
+                ) from exc
         return pattern
 
     @model_validator(mode="after")
@@ -165,6 +177,8 @@ class RiskRules:
 
         Agents repeat their commands, so recent results are kept (the rules are immutable).
         """
+        if len(command) > _CACHED_COMMAND or len(resources) > 16:
+            return self._assess(command, resources)  # long inputs are not worth keeping
         key = (command, tuple(resources))
         hit = self._cache.get(key)
         if hit is not None:

@@ -38,6 +38,7 @@ from agentgov.collector.governor.engine import Governor
 from agentgov.collector.governor.events import ControlHub
 from agentgov.collector.governor.policy import PolicySource
 from agentgov.collector.governor.state import Record
+from agentgov.collector.governor.tokens import LineageKeys, LineageTokens
 from agentgov.collector.receiver.decode import Limits
 from agentgov.collector.receiver.otlp_grpc import start_grpc_server
 from agentgov.collector.receiver.otlp_http import OtlpHttpReceiver
@@ -74,6 +75,8 @@ class CollectorConfig:
     policy: str | None = None
     #: API keys YAML; keys in AGENTGOV_API_KEYS are added to these
     api_keys: str | None = None
+    #: lineage signing keys (PASERK k4.secret, newest first); AGENTGOV_SIGNING_KEYS wins
+    signing_keys: str | None = None
     #: alert rule files or folders (re-read when they change); empty: the shipped alerts/
     alert_rules: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
@@ -118,7 +121,7 @@ class Collector:
     def _app(self) -> DecisionFastPath:
         assert self.writer is not None and self.analytics is not None
         assert self.governor is not None
-        receiver = OtlpHttpReceiver(self.writer, self.config.limits)
+        receiver = OtlpHttpReceiver(self.writer, self.config.limits, self.keys)
         api = QueryApi(self.analytics, self.governor, self.keys)
         gov_api = GovernorApi(self.governor, self.keys, self.hub, self.analytics, self.audit_writer)
         assert self._alerts_api is not None
@@ -204,12 +207,18 @@ class Collector:
         self.audit_writer = audit.AuditWriter(store).start()
         audit_writer = self.audit_writer
 
-        def sink(record: Record) -> None:
-            audit_writer(record)
+        def sink(record: Record, line: str) -> None:
+            audit_writer(record, line)
             if self.alerts is not None:
                 self.alerts.observe_record(record)
 
-        self.governor = Governor(self.policy, self.rules, sink=sink)
+        self.lineage_tokens = LineageTokens(
+            LineageKeys.load(self.config.signing_keys, store.data_path),
+            ttl_s=self.policy.policy.multi_agent.lineage_ttl_s,
+        )
+        self.governor = Governor(
+            self.policy, self.rules, sink=sink, tokens=self.lineage_tokens, encode=audit.row
+        )
         self.governor.listeners.append(self.hub.publish)
         replay_client = open_client(store)
         try:
@@ -233,7 +242,11 @@ class Collector:
             )
         if self.config.grpc_port is not None:
             self._grpc, self.grpc_port = start_grpc_server(
-                self.writer, self.config.limits, self.config.host, self.config.grpc_port
+                self.writer,
+                self.config.limits,
+                self.config.host,
+                self.config.grpc_port,
+                keys=self.keys,
             )
         self._server = _Server(
             uvicorn.Config(

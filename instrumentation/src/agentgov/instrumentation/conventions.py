@@ -31,6 +31,9 @@ COMMAND: Final = "agentgov.command"
 RESOURCES: Final = "agentgov.resources"
 RISK_SCORE: Final = "agentgov.risk.score"
 COST_USD: Final = "agentgov.cost.usd"
+#: id of the signed lineage token the agent held, and the span's proof made with it
+LINEAGE_TOKEN_ID: Final = "agentgov.lineage.token_id"
+LINEAGE_PROOF: Final = "agentgov.lineage.proof"
 
 # inter-agent message event
 MESSAGE_EVENT: Final = "agentgov.message"
@@ -53,3 +56,7 @@ BAGGAGE_PERMISSIONS: Final = PERMISSIONS
 BAGGAGE_TASK: Final = TASK
 BAGGAGE_HANDOFF_TO: Final = "agentgov.handoff.to"
 BAGGAGE_ROLE: Final = AGENT_ROLE
+#: the handoff target's lineage token: a carrier entry of its own next to ``traceparent`` and
+#: ``baggage`` (never baggage, which instrumented clients forward to any service)
+CARRIER_TOKEN: Final = "agentgov-lineage-token"
+ENV_TOKEN: Final = "AGENTGOV_LINEAGE_TOKEN"

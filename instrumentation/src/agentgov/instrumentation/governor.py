@@ -3,6 +3,11 @@ for the session's stop.
 
 Light on purpose: the standard library's ``http.client`` with one keep-alive connection
 per thread, and one server-sent-events listener thread per session and process.
+
+Fail closed: the agent goes ahead only on an answer that is exactly ``allow``. Anything
+else the governor (or something pretending to be it) sends back, a malformed body, an
+unknown outcome, a non-JSON page, becomes :class:`Stopped` with a reason, within one
+``timeout`` however the connection misbehaves.
 """
 
 from __future__ import annotations
@@ -18,7 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from agentgov.instrumentation.lineage_token import HEADER as TOKEN_HEADER
+
 log = logging.getLogger(__name__)
+
+ALLOW, STOP, APPROVAL_REQUIRED = "allow", "stop", "approval_required"
+OUTCOMES = frozenset({ALLOW, STOP, APPROVAL_REQUIRED})
 
 
 class Stopped(RuntimeError):
@@ -34,6 +44,7 @@ class Stopped(RuntimeError):
         self.reason = reason
         self.phase = phase
         self.owner = owner
+        self.detail = detail
 
 
 class SessionKilled(Stopped):
@@ -49,7 +60,9 @@ class SessionKilled(Stopped):
 
 
 class GovernorUnavailable(Stopped):
-    """The governor could not be reached and the client fails closed."""
+    """The governor could not be reached, refused the request, or answered nonsense; the
+    client fails closed (``governor_unreachable``, ``governor_refused``,
+    ``governor_invalid_answer``)."""
 
 
 @dataclass(frozen=True)
@@ -64,17 +77,37 @@ class Decision:
     shadow: dict[str, str] | None = None
     #: with ``session_killed``: who stopped the session and why ({actor, reason})
     killed: dict[str, str] | None = None
+    #: an allowed delegation: the new agent's signed lineage token. Any other answer: a
+    #: renewed token for the caller, when its own is past half its life.
+    lineage_token: str = ""
+    #: what the governor says about the stop, e.g. which tool is not on the allowlist
+    detail: str = ""
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Decision:
+    def from_json(cls, data: Any) -> Decision:
+        """Read an answer strictly: anything but a known outcome is an invalid answer."""
+        if not isinstance(data, dict):
+            raise GovernorUnavailable(
+                "governor_invalid_answer", "request", detail="the answer is not a JSON object"
+            )
+        outcome = data.get("outcome")
+        if outcome not in OUTCOMES:
+            raise GovernorUnavailable(
+                "governor_invalid_answer",
+                "request",
+                detail=f"unknown outcome {str(outcome)[:40]!r}",
+            )
+        risk = data.get("risk")
         return cls(
-            outcome=str(data.get("outcome", "stop")),
-            reason=str(data.get("reason") or ""),
-            owner=str(data.get("owner") or ""),
-            approval_id=str(data.get("approval_id") or ""),
-            risk=data.get("risk"),
-            shadow=data.get("shadow"),
-            killed=data.get("killed"),
+            outcome=str(outcome),
+            reason=_text(data.get("reason")),
+            owner=_text(data.get("owner")),
+            approval_id=_text(data.get("approval_id")),
+            risk=risk if isinstance(risk, int) and not isinstance(risk, bool) else None,
+            shadow=data.get("shadow") if isinstance(data.get("shadow"), dict) else None,
+            killed=data.get("killed") if isinstance(data.get("killed"), dict) else None,
+            lineage_token=_text(data.get("lineage_token"), 16 << 10),
+            detail=_text(data.get("detail"), 2000),
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -89,7 +122,15 @@ class Decision:
             out["shadow"] = self.shadow
         if self.killed is not None:
             out["killed"] = self.killed
+        if self.lineage_token:
+            out["lineage_token"] = self.lineage_token
+        if self.detail:
+            out["detail"] = self.detail
         return out
+
+
+def _text(value: Any, limit: int = 512) -> str:
+    return value[:limit] if isinstance(value, str) else ""
 
 
 class _SessionWatch:
@@ -134,7 +175,10 @@ class _SessionWatch:
     def _listen(self) -> None:
         conn = self._conn = self.client._new_connection(timeout=None)
         path = f"/api/v1/sessions/{quote(self.session_id, safe='')}/events"
-        conn.request("GET", self.client._base + path, headers=self.client._headers(sse=True))
+        token = self.client.session_token(self.session_id)
+        conn.request(
+            "GET", self.client._base + path, headers=self.client._headers(sse=True, token=token)
+        )
         resp = conn.getresponse()
         if resp.status in (401, 403):
             # a refused key will not start working by retrying: stop listening, say why
@@ -153,14 +197,19 @@ class _SessionWatch:
         kind = ""
         try:
             while True:
-                line = resp.fp.readline()
+                line = resp.fp.readline(1 << 20)
                 if not line:
                     return
-                text = line.decode("utf-8").rstrip("\r\n")
+                text = line.decode("utf-8", "replace").rstrip("\r\n")
                 if text.startswith("event:"):
                     kind = text[6:].strip()
                 elif text.startswith("data:"):
-                    self._on_event(kind, json.loads(text[5:].strip()))
+                    try:
+                        data = json.loads(text[5:].strip())
+                    except ValueError:
+                        continue
+                    if isinstance(data, dict):
+                        self._on_event(kind, data)
                     if self.killed is not None:
                         return
         finally:
@@ -174,6 +223,7 @@ class _SessionWatch:
         elif kind == "kill":
             self.killed = data
             self.ready.set()
+            self.client._acknowledge_kill(self.session_id)
             for hook in list(self.client.on_kill):
                 try:
                     hook(self.session_id, data)
@@ -188,7 +238,9 @@ class GovernorClient:
 
     ``mode``: ``enforce`` raises :class:`Stopped` on stop; ``observe`` asks and records but
     never blocks. ``fail_closed``: when the governor cannot be reached, raise (default) or
-    carry on. ``url`` and ``api_key`` default to ``AGENTGOV_URL`` and ``AGENTGOV_API_KEY``.
+    carry on; a governor that answered (a refusal, an invalid answer) is never treated as
+    unreachable. ``timeout`` bounds each request as a whole, retries included. ``url`` and
+    ``api_key`` default to ``AGENTGOV_URL`` and ``AGENTGOV_API_KEY``.
     """
 
     def __init__(
@@ -219,6 +271,8 @@ class GovernorClient:
         self._local = threading.local()
         self._watches: dict[str, _SessionWatch] = {}
         self._watch_lock = threading.Lock()
+        #: session -> agent id -> the token cell of each agent of this process still running
+        self._running: dict[str, dict[str, Any]] = {}
         #: called with (session_id, kill event) when a watched session is killed
         self.on_kill: list[Callable[[str, dict[str, Any]], None]] = []
 
@@ -228,51 +282,72 @@ class GovernorClient:
         cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
         return cls(self._host, self._port, timeout=timeout)
 
-    def _headers(self, sse: bool = False) -> dict[str, str]:
+    def _headers(self, sse: bool = False, token: str = "") -> dict[str, str]:
         headers = {"Accept": "text/event-stream" if sse else "application/json"}
         if not sse:
             headers["Content-Type"] = "application/json"
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
+        if token:
+            headers[TOKEN_HEADER] = token
         return headers
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, path: str, body: dict[str, Any], token: str = "") -> Any:
+        """POST ``body``; the parsed JSON answer. One deadline covers every attempt."""
         payload = json.dumps(body, separators=(",", ":")).encode()
+        deadline = time.monotonic() + self.timeout
         last: Exception | None = None
-        for _ in range(2):  # one retry on a fresh connection (keep-alive may have closed)
+        for attempt in range(2):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             conn = getattr(self._local, "conn", None)
+            fresh = conn is None
             if conn is None:
-                conn = self._local.conn = self._new_connection(self.timeout)
+                conn = self._local.conn = self._new_connection(left)
             try:
-                conn.request("POST", self._base + path, body=payload, headers=self._headers())
+                if conn.sock is not None:
+                    conn.sock.settimeout(left)
+                else:
+                    conn.timeout = left
+                conn.request(
+                    "POST", self._base + path, body=payload, headers=self._headers(token=token)
+                )
                 resp = conn.getresponse()
-                data = resp.read()
+                data = resp.read(1 << 20)
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 self._local.conn = None
                 last = exc
+                # only a kept-alive connection that the server had closed is worth a second
+                # try; a fresh connection that failed or timed out means the governor is down
+                if fresh or isinstance(exc, TimeoutError) or attempt:
+                    break
                 continue
             if resp.status >= 400:
-                try:
-                    message = json.loads(data).get("error", data.decode(errors="replace"))
-                except ValueError:
-                    message = data.decode(errors="replace")
                 raise GovernorUnavailable(
-                    "governor_refused", "request", detail=f"{resp.status}: {message}"
+                    "governor_refused", "request", detail=f"{resp.status}: {_error_text(data)}"
                 )
-            return dict(json.loads(data))
+            try:
+                return json.loads(data)
+            except ValueError:
+                raise GovernorUnavailable(
+                    "governor_invalid_answer",
+                    "request",
+                    detail=f"{resp.status} with a body that is not JSON: {data[:80]!r}",
+                ) from None
         raise GovernorUnavailable("governor_unreachable", "request", detail=f"{self.url}: {last}")
 
-    def _decide(self, path: str, body: dict[str, Any]) -> Decision:
+    def _decide(self, path: str, body: dict[str, Any], token: str = "") -> Decision:
         try:
-            return Decision.from_json(self._post(path, body))
+            return Decision.from_json(self._post(path, body, token))
         except GovernorUnavailable as exc:
             # fail-open covers a governor that cannot be reached, never one that refused
-            # the request (a wrong key or a bad request is not an outage)
+            # the request or answered something that is not a decision
             if self.fail_closed or exc.reason != "governor_unreachable":
                 raise
             log.warning("governor unavailable; carrying on (fail_closed=False)")
-            return Decision("allow", "governor_unavailable")
+            return Decision(ALLOW, "governor_unavailable")
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -303,13 +378,50 @@ class GovernorClient:
                 session_id, str(info.get("actor") or ""), str(info.get("reason") or "")
             )
 
+    def running(self, session_id: str, agent_id: str, token: Any) -> None:
+        """Note an agent of this process as running (``token``: its lineage token cell), so
+        that a kill of its session is acknowledged for it."""
+        with self._watch_lock:
+            self._running.setdefault(session_id, {})[agent_id] = token
+
+    def finished(self, session_id: str, agent_id: str) -> None:
+        with self._watch_lock:
+            agents = self._running.get(session_id)
+            if agents is not None:
+                agents.pop(agent_id, None)
+                if not agents:
+                    del self._running[session_id]
+
+    def session_token(self, session_id: str) -> str:
+        """A token of one of this process's agents in the session (for its event stream)."""
+        with self._watch_lock:
+            cells = list(self._running.get(session_id, {}).values())
+        return next((c.value for c in cells if getattr(c, "value", "")), "")
+
+    def _acknowledge_kill(self, session_id: str) -> None:
+        """Tell the governor which of this process's agents stopped (runs on the listener
+        thread, so the agents' own threads are not held up)."""
+        with self._watch_lock:
+            agents = dict(self._running.get(session_id, {}))
+        for agent_id, cell in agents.items():
+            try:
+                self._post(
+                    f"/api/v1/sessions/{quote(session_id, safe='')}/stopped",
+                    {"session_id": session_id, "agent_id": agent_id},
+                    getattr(cell, "value", ""),
+                )
+            except Stopped as exc:
+                log.debug("kill acknowledgement for %s not delivered: %s", agent_id, exc)
+
     # -- decisions -------------------------------------------------------------------------
 
-    def _settle(self, path: str, body: dict[str, Any], phase: str, session_id: str) -> Decision:
-        decision = self._decide(path, body)
-        if decision.outcome == "approval_required" and self.mode == "enforce":
-            decision = self._await_approval(path, body, decision, session_id)
-        if decision.outcome == "stop" and self.mode == "enforce":
+    def _settle(
+        self, path: str, body: dict[str, Any], phase: str, session_id: str, token: str
+    ) -> Decision:
+        decision = self._decide(path, body, token)
+        if decision.outcome == APPROVAL_REQUIRED and self.mode == "enforce":
+            decision = self._await_approval(path, body, decision, session_id, token)
+        if decision.outcome == STOP and self.mode == "enforce":
             if decision.reason == "session_killed":
                 self.watch(session_id, wait=0)
                 # the answer says who stopped the session: the kill event may still be on
@@ -318,11 +430,11 @@ class GovernorClient:
                 raise SessionKilled(
                     session_id, str(by.get("actor") or ""), str(by.get("reason") or "")
                 )
-            raise Stopped(decision.reason, phase, decision.owner)
+            raise Stopped(decision.reason or "stopped", phase, decision.owner, decision.detail)
         return decision
 
     def _await_approval(
-        self, path: str, body: dict[str, Any], decision: Decision, session_id: str
+        self, path: str, body: dict[str, Any], decision: Decision, session_id: str, token: str
     ) -> Decision:
         """Ask again with the approval id until a reviewer decides, the TTL passes or the
         session is killed; woken early by the session's control events."""
@@ -330,7 +442,7 @@ class GovernorClient:
         watch = self._watches[session_id]
         again = {**body, "approval_id": decision.approval_id}
         deadline = time.monotonic() + self.approval_timeout
-        while decision.outcome == "approval_required":
+        while decision.outcome == APPROVAL_REQUIRED:
             self.check(session_id)
             left = deadline - time.monotonic()
             if left <= 0:
@@ -341,7 +453,7 @@ class GovernorClient:
                 )
             with watch.changed:
                 watch.changed.wait(min(left, 0.5))
-            decision = self._decide(path, again)
+            decision = self._decide(path, again, token)
         return decision
 
     def handoff(
@@ -354,7 +466,11 @@ class GovernorClient:
         estimated_usd: float = 0.0,
         to_role: str = "",
         depth: int | None = None,
+        token: str = "",
     ) -> Decision:
+        """Ask to start ``to_agent``: delegated by the holder of ``token`` (the delegating
+        agent's lineage token), or as the root of a new session without one. An allowed
+        answer carries the new agent's own token."""
         self.check(session_id)
         body: dict[str, Any] = {
             "session_id": session_id,
@@ -365,9 +481,8 @@ class GovernorClient:
             "estimated_usd": estimated_usd,
             "to_role": to_role,
         }
-        if depth is not None:
-            body["depth"] = depth
-        return self._settle("/api/v1/decisions/handoff", body, "delegation", session_id)
+        del depth  # the governor takes depth from lineage, never from the caller
+        return self._settle("/api/v1/decisions/handoff", body, "delegation", session_id, token)
 
     def tool(
         self,
@@ -376,6 +491,7 @@ class GovernorClient:
         tool: str,
         command: str = "",
         resources: list[str] | None = None,
+        token: str = "",
     ) -> Decision:
         self.check(session_id)
         body = {
@@ -385,7 +501,7 @@ class GovernorClient:
             "command": command,
             "resources": list(resources or []),
         }
-        return self._settle("/api/v1/decisions/tool", body, "tool call", session_id)
+        return self._settle("/api/v1/decisions/tool", body, "tool call", session_id, token)
 
     def usage(
         self,
@@ -394,6 +510,7 @@ class GovernorClient:
         usd: float = 0.0,
         tool_calls: int = 0,
         finished: bool = False,
+        token: str = "",
     ) -> Decision:
         body = {
             "session_id": session_id,
@@ -402,7 +519,17 @@ class GovernorClient:
             "tool_calls": tool_calls,
             "finished": finished,
         }
-        decision = self._decide("/api/v1/usage", body)
-        if decision.outcome == "stop" and self.mode == "enforce" and not finished:
-            raise Stopped(decision.reason, "usage")
+        decision = self._decide("/api/v1/usage", body, token)
+        if decision.outcome == STOP and self.mode == "enforce" and not finished:
+            raise Stopped(decision.reason or "stopped", "usage", detail=decision.detail)
         return decision
+
+
+def _error_text(data: bytes) -> str:
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return data[:300].decode(errors="replace")
+    if isinstance(parsed, dict):
+        return str(parsed.get("error") or parsed.get("message") or parsed)[:300]
+    return str(parsed)[:300]

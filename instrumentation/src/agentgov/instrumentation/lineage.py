@@ -8,14 +8,14 @@ written into W3C baggage entries by :mod:`agentgov.instrumentation.propagation`.
 from __future__ import annotations
 
 import functools
-import random
 import re
+import secrets
 from dataclasses import dataclass, field
 from urllib.parse import quote_plus
 
 from opentelemetry import context as otel_context
 
-_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+_ID_RE = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 _LINEAGE_KEY = otel_context.create_key("agentgov.lineage")
 
 #: W3C baggage entries are percent-encoded and capped (4096 bytes each, 8192 in all, in
@@ -36,7 +36,7 @@ def check_id(value: str, what: str = "id") -> str:
     Ids are 1-128 characters of letters, digits and ``. _ : @ -``: commas because chains
     travel as comma-separated baggage values, ``/`` because ids are URL path segments.
     """
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise InvalidIdError(
             f"invalid {what} {value!r}: use 1-128 characters of letters, digits and . _ : @ -"
         )
@@ -49,16 +49,14 @@ def _id_prefix(prefix: str) -> str:
 
 
 def new_id(prefix: str) -> str:
-    """A fresh id such as ``cleanup-3f9a1c2e5d4b`` (prefix sanitised to the id alphabet).
-
-    Ids need to be unique, not secret: 48 bits from :mod:`random` (reseeded in forked
-    children) instead of ``os.urandom``, which costs microseconds per call on some VMs.
-    """
-    return f"{_id_prefix(prefix)}-{random.getrandbits(48):012x}"
+    """A fresh id such as ``cleanup-3f9a1c2e5d4b`` (prefix sanitised to the id alphabet),
+    from :mod:`secrets`: ids name the parties of governed decisions, so nobody may guess
+    the next one."""
+    return f"{_id_prefix(prefix)}-{secrets.token_hex(6)}"
 
 
 def new_session_id() -> str:
-    return f"sess-{random.getrandbits(128):032x}"
+    return f"sess-{secrets.token_hex(16)}"
 
 
 def clip_for_baggage(text: str, limit: int = MAX_BAGGAGE_INTENT) -> str:
@@ -78,6 +76,23 @@ def clip_for_baggage(text: str, limit: int = MAX_BAGGAGE_INTENT) -> str:
     return text[:lo]
 
 
+class TokenCell:
+    """The agent's signed lineage token, shared by every context that carries its lineage.
+
+    A cell rather than a field: the governor renews a token in the answer to any request,
+    and threads, tasks and tools that captured the lineage earlier must present the new
+    one. The token is a bearer credential: it never goes into span attributes.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str = "") -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "TokenCell(<set>)" if self.value else "TokenCell(<empty>)"
+
+
 @dataclass(frozen=True, slots=True)
 class Lineage:
     """The causal position of the current agent.
@@ -95,6 +110,8 @@ class Lineage:
     handoff_to: str = ""
     role: str = ""
     extra: dict[str, str] = field(default_factory=dict, compare=False)
+    #: the current agent's signed lineage token, issued by the governor (empty without one)
+    token: TokenCell = field(default_factory=TokenCell, compare=False)
 
     @property
     def agent_id(self) -> str:
@@ -111,7 +128,8 @@ class Lineage:
         """Lineage of a new agent started by the current one.
 
         ``permissions`` None keeps the current agent's; the central governor checks that a
-        child's permissions are a subset of its parent's.
+        child's permissions are a subset of its parent's. The child starts without a token:
+        the governor issues it one when it allows the delegation.
         """
         return Lineage(
             session_id=self.session_id,

@@ -19,6 +19,7 @@ from agentgov.instrumentation.lineage import (
     MAX_BAGGAGE_INTENT,
     MAX_BAGGAGE_TEXT,
     Lineage,
+    TokenCell,
     check_id,
     clip_for_baggage,
     current_lineage,
@@ -29,7 +30,14 @@ _TRACE = TraceContextTextMapPropagator()
 _BAGGAGE = W3CBaggagePropagator()
 
 #: environment variable names for process carriers
-ENV_KEYS = {"traceparent": "TRACEPARENT", "tracestate": "TRACESTATE", "baggage": "BAGGAGE"}
+ENV_KEYS = {
+    "traceparent": "TRACEPARENT",
+    "tracestate": "TRACESTATE",
+    "baggage": "BAGGAGE",
+    cv.CARRIER_TOKEN: cv.ENV_TOKEN,
+}
+#: the largest token a carrier accepts (tokens are about 1 KiB)
+MAX_TOKEN = 16 << 10
 
 
 _LINEAGE_KEYS = (
@@ -79,6 +87,10 @@ def inject(carrier: MutableMapping[str, str], ctx: otel_context.Context | None =
     full = context_with_baggage(ctx)
     _TRACE.inject(carrier, context=full)
     _BAGGAGE.inject(carrier, context=full)
+    lineage = current_lineage(full)
+    if lineage is not None and lineage.handoff_to and lineage.token.value:
+        # only a handoff carries a token: the target's own, issued when it was allowed
+        carrier[cv.CARRIER_TOKEN] = lineage.token.value
 
 
 def inject_env(
@@ -93,7 +105,7 @@ def inject_env(
     return out
 
 
-def _lineage_from_baggage(ctx: otel_context.Context) -> Lineage | None:
+def _lineage_from_baggage(ctx: otel_context.Context, token: str) -> Lineage | None:
     entries = baggage.get_all(ctx)
     session_id = entries.get(cv.BAGGAGE_SESSION_ID)
     if not isinstance(session_id, str) or not session_id:
@@ -112,6 +124,7 @@ def _lineage_from_baggage(ctx: otel_context.Context) -> Lineage | None:
         task=str(entries.get(cv.BAGGAGE_TASK, "") or ""),
         handoff_to=check_id(handoff_to, "agent id") if handoff_to else "",
         role=str(entries.get(cv.BAGGAGE_ROLE, "") or ""),
+        token=TokenCell(token if handoff_to else ""),
     )
 
 
@@ -123,8 +136,10 @@ def extract(
     Keys are matched case-insensitively, so HTTP headers and ``TRACEPARENT``-style
     environment variables both work.
     """
-    lowered = {k.lower(): v for k, v in carrier.items() if k.lower() in ENV_KEYS}
+    names = {k: k for k in ENV_KEYS} | {v.lower(): k for k, v in ENV_KEYS.items()}
+    lowered = {names[k.lower()]: v for k, v in carrier.items() if k.lower() in names}
     out = _TRACE.extract(lowered, context=ctx)
     out = _BAGGAGE.extract(lowered, context=out)
-    lineage = _lineage_from_baggage(out)
+    token = str(lowered.get(cv.CARRIER_TOKEN, ""))
+    lineage = _lineage_from_baggage(out, token if len(token) <= MAX_TOKEN else "")
     return with_lineage(lineage, out) if lineage is not None else out

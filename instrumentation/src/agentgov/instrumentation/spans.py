@@ -22,13 +22,15 @@ from agentgov.instrumentation.governor import Decision, GovernorClient, Stopped
 from agentgov.instrumentation.injection import score_message
 from agentgov.instrumentation.lineage import (
     Lineage,
+    TokenCell,
     check_id,
     current_lineage,
     new_id,
     new_session_id,
     with_lineage,
 )
-from agentgov.instrumentation.permissions import uncovered
+from agentgov.instrumentation.lineage_token import SpanProver
+from agentgov.instrumentation.permissions import normalize_all, uncovered
 from agentgov.instrumentation.propagation import extract, inject, inject_env
 
 INSTRUMENTATION_NAME = "agentgov.instrumentation"
@@ -43,13 +45,18 @@ StopHook = Callable[["AgentSpan", Stopped], None]
 
 
 def _check_permissions(permissions: Sequence[str] | None) -> tuple[str, ...] | None:
-    if permissions is None:
-        return None
-    out = tuple(permissions)
-    for p in out:
-        if not p or "," in p:
-            raise ValueError(f"invalid permission {p!r}: non-empty, and without commas")
-    return out
+    """Permissions in normal form; a malformed one (empty, commas, ``..``) raises
+    :class:`~agentgov.instrumentation.permissions.InvalidPermission`."""
+    return None if permissions is None else normalize_all(list(permissions))
+
+
+def _prove(span: Span, prover: SpanProver | None) -> None:
+    """Mark ``span`` as made by the token holder (token id and proof, never the token)."""
+    if prover is not None:
+        ctx = span.get_span_context()
+        attrs = prover.attributes(ctx.trace_id, ctx.span_id)
+        if attrs:
+            span.set_attributes(attrs)
 
 
 class _Scope:
@@ -99,7 +106,7 @@ class SessionScope(_Scope):
         governor = self._gov.governor
         if governor is not None:
             governor.watch(self.session_id)
-            governor.handoff(
+            decision = governor.handoff(
                 self.session_id,
                 "",
                 root.agent_id,
@@ -109,8 +116,8 @@ class SessionScope(_Scope):
                 else None,
                 estimated_usd=estimated_usd,
                 to_role=root.lineage.role,
-                depth=0,
             )
+            root.lineage.token.value = decision.lineage_token
         return root
 
     def __enter__(self) -> SessionScope:
@@ -152,6 +159,7 @@ class AgentSpan(_Scope):
         #: set once the governor stopped one of this agent's delegations: an orchestrator
         #: checks it to fall back to a constrained single-agent mode
         self.constrained = False
+        self._prover: SpanProver | None = None
 
     @property
     def agent_id(self) -> str:
@@ -168,6 +176,24 @@ class AgentSpan(_Scope):
     @property
     def depth(self) -> int:
         return self.lineage.depth
+
+    @property
+    def token(self) -> str:
+        """This agent's signed lineage token ('' when no governor issued one)."""
+        return self.lineage.token.value
+
+    def _span_prover(self) -> SpanProver | None:
+        token = self.lineage.token.value
+        if not token:
+            return None
+        if self._prover is None or self._prover.token != token:
+            self._prover = SpanProver(token)
+        return self._prover
+
+    def _renewed(self, decision: Decision) -> None:
+        """Take the renewed token an answer to this agent's own request may carry."""
+        if decision.lineage_token:
+            self.lineage.token.value = decision.lineage_token
 
     @property
     def context(self) -> otel_context.Context:
@@ -210,6 +236,9 @@ class AgentSpan(_Scope):
             kind=SpanKind.INTERNAL,
             attributes=attrs,
         )
+        _prove(self.span, self._span_prover())
+        if governor is not None:
+            governor.running(lin.session_id, lin.agent_id, lin.token)
         self._ctx = with_lineage(lin, trace.set_span_in_context(self.span, self._parent_ctx))
         return self
 
@@ -221,8 +250,9 @@ class AgentSpan(_Scope):
         """
         governor = self._gov.governor
         if governor is not None and self.span is not None:
+            governor.finished(self.session_id, self.agent_id)
             try:
-                governor.usage(self.session_id, self.agent_id, finished=True)
+                governor.usage(self.session_id, self.agent_id, finished=True, token=self.token)
             except Stopped:
                 pass  # finishing is never refused; the governor logged what it needed
         span = self.span
@@ -287,10 +317,11 @@ class AgentSpan(_Scope):
         role: str,
         permissions: tuple[str, ...] | None,
         estimated_usd: float,
-    ) -> None:
+    ) -> str:
+        """Ask the governor to delegate to ``to_agent``; the new agent's token."""
         governor = self._gov.governor
         if governor is None:
-            return
+            return ""
         try:
             decision = governor.handoff(
                 self.session_id,
@@ -300,12 +331,13 @@ class AgentSpan(_Scope):
                 permissions=list(permissions) if permissions is not None else None,
                 estimated_usd=estimated_usd,
                 to_role=role,
-                depth=self.depth + 1,
+                token=self.token,
             )
         except Stopped as stop:
             self._stopped(stop)
             raise
         self._record_decision("pre_handoff", decision)
+        return decision.lineage_token
 
     # -- what an agent does -------------------------------------------------------------
 
@@ -342,7 +374,7 @@ class AgentSpan(_Scope):
             permissions=permissions,
             agent_id=agent_id,
         )
-        self._ask_handoff(
+        child.lineage.token.value = self._ask_handoff(
             child.agent_id, task, role, _check_permissions(permissions), estimated_usd
         )
         return child
@@ -364,7 +396,7 @@ class AgentSpan(_Scope):
         """
         target = check_id(agent_id, "agent id") if agent_id else new_id(to)
         perms = _check_permissions(permissions)
-        self._ask_handoff(target, task, role, perms, estimated_usd)
+        token = self._ask_handoff(target, task, role, perms, estimated_usd)
         lin = Lineage(
             session_id=self.lineage.session_id,
             intent=self.lineage.intent,
@@ -373,6 +405,7 @@ class AgentSpan(_Scope):
             task=task,
             handoff_to=target,
             role=role,
+            token=TokenCell(token),
         )
         return Handoff(to, target, task, with_lineage(lin, self.context))
 
@@ -405,10 +438,13 @@ class AgentSpan(_Scope):
         governor = self._gov.governor
         if governor is not None and usd:
             try:
-                governor.usage(self.session_id, self.agent_id, usd=float(usd))
+                decision = governor.usage(
+                    self.session_id, self.agent_id, usd=float(usd), token=self.token
+                )
             except Stopped as stop:
                 self._stopped(stop)
                 raise
+            self._renewed(decision)
 
 
 class ToolSpan(_Scope):
@@ -440,11 +476,13 @@ class ToolSpan(_Scope):
                     self.tool_name,
                     self.command,
                     list(self.resources),
+                    token=agent.token,
                 )
             except Stopped as stop:
                 agent._stopped(stop)
                 raise
             agent._record_decision("tool", decision)
+            agent._renewed(decision)
             if decision.risk is not None and self.risk is None:
                 self.risk = decision.risk
         attrs: dict[str, Any] = {
@@ -473,6 +511,7 @@ class ToolSpan(_Scope):
         self.span = agent._gov.tracer.start_span(
             f"execute_tool {self.tool_name}", context=agent.context, attributes=attrs
         )
+        _prove(self.span, agent._span_prover())
         self._attach(trace.set_span_in_context(self.span, agent.context))
         return self
 
@@ -581,32 +620,36 @@ class Governance:
             permissions=permissions,
             agent_id=agent_id,
         )
-        if not received:
-            self._decide_start(child, parent.agent_id, estimated_usd)
+        if received:
+            child.lineage.token.value = parent.token.value  # the handoff target's own token
+        else:
+            self._decide_start(child, parent, estimated_usd)
         return child
 
-    def _decide_start(self, child: AgentSpan, from_agent: str, estimated_usd: float) -> None:
-        """Ask the governor to start ``child`` (from ``from_agent``, or as a root)."""
+    def _decide_start(self, child: AgentSpan, parent: Lineage, estimated_usd: float) -> None:
+        """Ask the governor to start ``child``: delegated by the current agent (with its
+        token), or as the session's root."""
         governor = self.governor
         if governor is None:
             return
         lin = child.lineage
         governor.watch(lin.session_id)
         try:
-            governor.handoff(
+            decision = governor.handoff(
                 lin.session_id,
-                from_agent,
+                parent.agent_id,
                 lin.agent_id,
                 task=child.task,
                 permissions=list(lin.permissions) if lin.permissions is not None else None,
                 estimated_usd=estimated_usd,
                 to_role=lin.role,
-                depth=lin.depth,
+                token=parent.token.value,
             )
         except Stopped as stop:
             if self.on_stop is not None:
                 self.on_stop(child, stop)
             raise
+        lin.token.value = decision.lineage_token
 
     def _agent(
         self,

@@ -12,16 +12,18 @@ throttled repeat and delivery is journaled in ``agentgov_alerts``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import queue
-import random
-import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import re2
 
 from agentgov.collector.alerts.extract import FactExtractor, facts_of
 from agentgov.collector.alerts.facts import FactView, SpanFact, decision_fields
@@ -39,7 +41,7 @@ from agentgov.collector.alerts.rules import AlertRule, Condition, RuleSource
 from agentgov.collector.alerts.slack import Notice, SlackNotifier
 from agentgov.collector.governor.engine import Governor
 from agentgov.collector.governor.state import Record
-from agentgov.collector.risk import RiskRules
+from agentgov.collector.risk import RiskRules, compile_re2
 from agentgov.collector.store.connection import StoreConfig, open_client
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,11 @@ class Fields(Protocol):
     """What conditions read: a mapping, or a view that computes fields on demand."""
 
     def get(self, key: str, default: Any = None, /) -> Any: ...
+
+
+@functools.lru_cache(maxsize=1024)
+def _pattern(pattern: str) -> re2._Regexp:
+    return compile_re2(pattern)
 
 
 def holds(cond: Condition, ctx: Fields) -> bool:
@@ -80,7 +87,8 @@ def holds(cond: Condition, ctx: Fields) -> bool:
         if op == "contains_any":
             return any(w in value for w in want)  # type: ignore[union-attr]
         if op == "matches":
-            return re.search(str(want), str(value)) is not None
+            # RE2, linear in the value: rule patterns run over what callers send
+            return _pattern(str(want)).search(str(value)) is not None
     except TypeError:
         return False
     return False
@@ -142,6 +150,8 @@ class Firing:
 class EngineStats:
     events: int = 0
     facts: int = 0
+    #: span facts of governed sessions whose proof did not show the agent made them
+    unverified_facts: int = 0
     fired: int = 0
     throttled: int = 0
     stops: int = 0
@@ -374,13 +384,21 @@ class AlertEngine:
                     continue
                 for fact in facts:
                     self.stats.facts += 1
+                    fact.verified = self._proven(fact)
                     live = self._session(fact.session_id)
-                    live.add_span(fact)
-                    touched.setdefault(fact.session_id, received)
+                    # in a governed session, spans no lineage token vouches for are not
+                    # evidence: anyone with an ingest key could have sent them in an
+                    # agent's name; only rules that opt in look at them
+                    trusted = fact.verified or not self._governor.knows(fact.session_id)
+                    if trusted:
+                        live.add_span(fact)
+                        touched.setdefault(fact.session_id, received)
+                    else:
+                        self.stats.unverified_facts += 1
                     if span_rules and self._before_any_kill(live, fact.time):
                         view = FactView(fact)
                         for rule in span_rules:
-                            if matches(rule, view):
+                            if (trusted or rule.unverified) and matches(rule, view):
                                 self._fire(rule, fact.session_id, fact.fields(), received)
             elif kind == "record":
                 assert isinstance(payload, Record)
@@ -427,6 +445,15 @@ class AlertEngine:
         if not self._governor.is_killed(live.session_id):
             return True
         return live.killed_at is not None and at <= live.killed_at
+
+    def _proven(self, fact: SpanFact) -> bool:
+        """Whether the span's proof shows that the agent it names made it."""
+        tokens = self._governor.tokens
+        if tokens is None or not fact.token_id or not fact.proof:
+            return False
+        return tokens.proves(
+            fact.token_id, fact.session_id, fact.agent_id, fact.trace_id, fact.span_id, fact.proof
+        )
 
     def session_context(self, live: LiveSession) -> dict[str, Any]:
         """A session's rule fields: live aggregates merged with the governor's state."""
@@ -512,7 +539,7 @@ class AlertEngine:
             self._last[key] = now
             suppressed = self._suppressed.pop(key, 0)
         self.stats.fired += 1
-        alert_id = f"alr-{random.getrandbits(64):016x}"
+        alert_id = f"alr-{secrets.token_hex(8)}"
         firing = Firing(
             rule.name, rule.severity, session_id, list(rule.actions), message, values, alert_id
         )
@@ -557,8 +584,13 @@ class AlertEngine:
         if action == "stop":
             if self._governor.is_killed(sid):
                 status = "already killed"
+            elif rule.source == "sql" and not rule.unverified and self._governor.knows(sid):
+                # a query over stored spans cannot tell who sent them: it may not stop a
+                # governed session unless the rule says so (unverified: true)
+                status = "withheld: sql evidence is unverified (set unverified: true to stop)"
             else:
-                self._governor.kill(sid, actor=actor, reason=rule.name)
+                # sessions known only from their spans are killed too (unseen by the governor)
+                self._governor.kill(sid, actor=actor, reason=rule.name, unseen=True)
                 self.stats.stops += 1
                 status = "killed"
             if journal is not None:

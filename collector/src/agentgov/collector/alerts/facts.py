@@ -7,7 +7,6 @@ governance tables (``agentgov alerts test``), so both paths judge the same data.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,11 +17,9 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from agentgov.collector.governor.state import Record
 from agentgov.collector.risk import RiskRules
 from agentgov.instrumentation import conventions as cv
+from agentgov.instrumentation.permissions import write_granted
 
 TOOL, AGENT, MESSAGE = "tool", "agent", "message"
-
-# a grant that lets its holder change things: fs.write:/x, db.delete:prod, admin, *
-_WRITE_SCOPE = re.compile(r"(^|[._/-])(write|delete|admin|exec|\*)([._/-]|$)", re.I)
 
 # the session-id and operation attributes the typed-spans view accepts, in its order
 _SESSION_KEYS = (
@@ -51,6 +48,8 @@ _WANTED = frozenset(
         cv.TOOL_NAME,
         cv.RISK_SCORE,
         cv.COST_USD,
+        cv.LINEAGE_TOKEN_ID,
+        cv.LINEAGE_PROOF,
     }
 )
 
@@ -81,6 +80,13 @@ class SpanFact:
     injection: int = 0
     injection_signals: tuple[str, ...] = ()
     status: str = ""
+    #: the span's ids (hex) and its lineage token id and proof, to tell who made it
+    trace_id: str = ""
+    span_id: str = ""
+    token_id: str = ""
+    proof: str = ""
+    #: set by the engine: the span's proof shows the agent it names really made it
+    verified: bool = False
 
     def fields(self) -> dict[str, Any]:
         return {
@@ -107,6 +113,7 @@ class SpanFact:
             "injection": self.injection,
             "injection_signals": list(self.injection_signals),
             "status": self.status,
+            "verified": self.verified,
         }
 
 
@@ -136,38 +143,6 @@ def is_destructive(risk_rules: Sequence[str]) -> bool:
     return "destructive_command" in risk_rules or (
         "production_target" in risk_rules and "write_scope" in risk_rules
     )
-
-
-def write_granted(permissions: Sequence[str] | None, resources: Sequence[str]) -> bool:
-    """Whether some write grant covers every resource (any write grant, if none is named).
-
-    A grant ``fs.write:/opt/app`` covers ``/opt/app`` and what lies below it, also when
-    the resource carries its own scheme (``file:/opt/app/x``); a grant without a path
-    (``db.write``) or ``*`` covers everything. No permissions: no grant.
-    """
-    if not permissions:
-        return False
-    grants = []
-    for grant in permissions:
-        scope, _, path = grant.partition(":")
-        if grant == "*" or _WRITE_SCOPE.search(scope):
-            grants.append("" if grant == "*" else path.rstrip("/"))
-    if not grants:
-        return False
-    if not resources:
-        return True
-
-    def covered(resource: str) -> bool:
-        candidates = {resource, resource.partition(":")[2]}
-        for path in grants:
-            if path in ("", "*"):
-                return True
-            for r in candidates:
-                if r == path or r.startswith(path + "/"):
-                    return True
-        return False
-
-    return all(covered(r) for r in resources)
 
 
 def _value(v: AnyValue) -> Any:
@@ -228,6 +203,10 @@ def span_facts(request: ExportTraceServiceRequest, rules: RiskRules) -> Iterator
                 chain = strings(attrs.get(cv.DELEGATION_CHAIN)) or ((agent_id,) if agent_id else ())
                 base: dict[str, Any] = {
                     "session_id": sid,
+                    "trace_id": span.trace_id.hex(),
+                    "span_id": span.span_id.hex(),
+                    "token_id": str(attrs.get(cv.LINEAGE_TOKEN_ID, "")),
+                    "proof": str(attrs.get(cv.LINEAGE_PROOF, "")),
                     "agent_id": agent_id,
                     "agent_name": str(attrs.get(cv.AGENT_NAME, "")),
                     "parent_id": str(attrs.get(cv.PARENT_AGENT_ID, "")),

@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import re2
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from agentgov.collector.risk import compile_re2
 from agentgov.collector.validation import problems
 
 Source = Literal["session", "span", "decision", "sql"]
@@ -88,6 +90,7 @@ FIELDS: dict[str, dict[str, str]] = {
         "injection": NUM,
         "injection_signals": LIST,
         "status": TEXT,
+        "verified": FLAG,
     },
     "decision": {
         "session_id": TEXT,
@@ -139,9 +142,12 @@ class Condition(BaseModel):
             )
         if self.op == "matches":
             try:
-                re.compile(str(self.value))
-            except re.error as exc:
-                raise ValueError(f"value is not a valid regular expression: {exc}") from exc
+                compile_re2(str(self.value))
+            except re2.error as exc:
+                raise ValueError(
+                    f"value is not an RE2 regular expression ({exc}); RE2 has no "
+                    "look-arounds or backreferences"
+                ) from exc
         return self
 
 
@@ -165,6 +171,10 @@ class AlertRule(BaseModel):
     throttle_s: float = Field(default=3600.0, ge=0)
     message: str = Field(min_length=1)
     enabled: bool = True
+    #: also act on evidence no lineage token vouches for. In a session the governor
+    #: governs, span rules see only spans whose proof shows the named agent made them,
+    #: and a sql rule's stop is withheld, unless this says otherwise
+    unverified: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> AlertRule:

@@ -74,7 +74,7 @@ def _spawn(
 
 def run_agents(endpoint: str, agent_key: str, admin: CollectorClient) -> dict[str, Any]:
     """The multi-agent run: planner -> orchestrator -> cleanup agents in two processes."""
-    provider = configure(service_name="demo-planner", endpoint=endpoint)
+    provider = configure(service_name="demo-planner", endpoint=endpoint, api_key=agent_key)
     fallbacks: list[str] = []
     gov = Governance(
         provider,

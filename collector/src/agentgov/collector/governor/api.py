@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from typing import Any, TypeVar
+import time
+from typing import Annotated, Any, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -23,15 +32,25 @@ from agentgov.collector.governor.engine import (
     GovernorError,
     HandoffRequest,
     ToolRequest,
+    UnknownSession,
     UsageRequest,
 )
 from agentgov.collector.governor.events import ControlHub
+from agentgov.collector.governor.tokens import LineageInvalid
 from agentgov.instrumentation.governor import Decision
 from agentgov.instrumentation.lineage import check_id
+from agentgov.instrumentation.lineage_token import HEADER as TOKEN_HEADER
+from agentgov.instrumentation.permissions import InvalidPermission, normalize_all
 
 log = logging.getLogger(__name__)
 
 _MAX_BODY = 64 << 10
+_TOKEN_HEADER = TOKEN_HEADER.lower().encode()
+#: the most one request may say was spent; a budget is a sum of many such reports
+MAX_USD = 1_000_000.0
+MAX_TOOL_CALLS = 1_000_000
+
+Text = Annotated[str, StringConstraints(max_length=4096)]
 
 
 def _id(value: str) -> str:
@@ -46,19 +65,33 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _permissions(value: list[str] | None) -> list[str] | None:
+    """Permissions in normal form; ``..`` and other unjudgeable forms are a 400."""
+    if value is None:
+        return None
+    try:
+        return list(normalize_all(value))
+    except InvalidPermission as exc:
+        raise ValueError(str(exc)) from exc
+
+
 class HandoffBody(_Body):
+    """A delegation request. Who delegates comes from the lineage token (header), never
+    from ``from_agent``, which older clients send and which must then agree with it."""
+
     session_id: str
     from_agent: str = ""
     to_agent: str
     task: str = Field(default="", max_length=1000)
-    permissions: list[str] | None = Field(default=None, max_length=256)
-    estimated_usd: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    permissions: list[Text] | None = Field(default=None, max_length=256)
+    estimated_usd: float = Field(default=0.0, ge=0, le=MAX_USD, allow_inf_nan=False)
     to_role: str = Field(default="", max_length=128)
     depth: int | None = Field(default=None, ge=0, le=10_000)
     approval_id: str = ""
 
     _ids = field_validator("session_id", "to_agent")(_id)
     _opt = field_validator("from_agent", "approval_id")(_opt_id)
+    _perms = field_validator("permissions")(_permissions)
 
 
 class ToolBody(_Body):
@@ -66,7 +99,7 @@ class ToolBody(_Body):
     agent_id: str
     tool: str = Field(min_length=1, max_length=256)
     command: str = Field(default="", max_length=64_000)
-    resources: list[str] = Field(default_factory=list, max_length=1024)
+    resources: list[Text] = Field(default_factory=list, max_length=1024)
     approval_id: str = ""
 
     _ids = field_validator("session_id", "agent_id")(_id)
@@ -76,16 +109,27 @@ class ToolBody(_Body):
 class UsageBody(_Body):
     session_id: str
     agent_id: str
-    usd: float = Field(default=0.0, ge=0, allow_inf_nan=False)
-    tool_calls: int = Field(default=0, ge=0)
+    usd: float = Field(default=0.0, ge=0, le=MAX_USD, allow_inf_nan=False)
+    tool_calls: int = Field(default=0, ge=0, le=MAX_TOOL_CALLS)
     finished: bool = False
 
     _ids = field_validator("session_id", "agent_id")(_id)
 
 
+class StoppedBody(_Body):
+    session_id: str = ""
+    agent_id: str = ""
+
+    _opt = field_validator("session_id", "agent_id")(_opt_id)
+
+
 class KillBody(_Body):
     actor: str = Field(default="", max_length=256)
     reason: str = Field(default="", max_length=2000)
+    #: kill an id the governor has not seen (agents not started yet): say so explicitly
+    unseen: bool = False
+    #: wait up to this long for the running agents to acknowledge the stop
+    wait_s: float = Field(default=0.0, ge=0, le=60, allow_inf_nan=False)
 
 
 class ApprovalBody(_Body):
@@ -139,6 +183,9 @@ class GovernorApi:
     def _caller(self, request: Request, action: str) -> Caller | None:
         return self.keys.authorize(request.headers.get("authorization"), action)
 
+    def _token(self, request: Request) -> str:
+        return request.headers.get(TOKEN_HEADER, "")
+
     async def _handle(self, request: Request, action: str, fn: Any) -> Response:
         try:
             caller = self._caller(request, action)
@@ -149,6 +196,8 @@ class GovernorApi:
             return _error(400, str(exc))
         except Forbidden as exc:
             return _error(403, str(exc))
+        except UnknownSession as exc:
+            return _error(404, str(exc))
         except GovernorError as exc:
             return _error(404 if "unknown" in str(exc) else 409, str(exc))
         except SessionNotFound as exc:
@@ -191,13 +240,14 @@ class GovernorApi:
         async def go(caller: Caller | None) -> dict[str, Any]:
             return {"approvals": self.governor.approvals(status, include_escalated=folded)}
 
-        return await self._handle(request, "read", go)
+        # what every session waits for is the reviewers' business, not the agents'
+        return await self._handle(request, "approve", go)
 
     async def approval(self, request: Request) -> Response:
         async def go(caller: Caller | None) -> dict[str, Any]:
             return self.governor.get_approval(_id(request.path_params["approval_id"]))
 
-        return await self._handle(request, "read", go)
+        return await self._handle(request, "approve", go)
 
     async def _decide(self, request: Request, approve: bool) -> Response:
         async def go(caller: Caller | None) -> dict[str, Any]:
@@ -224,17 +274,56 @@ class GovernorApi:
     # -- kill and events -------------------------------------------------------------------
 
     async def kill(self, request: Request) -> Response:
+        """Kill a session; the answer lists its agents and which acknowledged the stop.
+
+        An unknown id is a 404 (a typo must not look like a kill) unless the body says
+        ``unseen: true``; ``wait_s`` waits for the running agents' acknowledgements.
+        """
+
         async def go(caller: Caller | None) -> dict[str, Any]:
             sid = _id(request.path_params["session_id"])
             body = await _body(request, KillBody)
             actor = caller.name if caller else (body.actor or "anonymous")
-            return self.governor.kill(sid, actor, body.reason)
+            unseen = body.unseen or self.governor.knows(sid)
+            if not unseen:
+                # a session known only from its spans is not unseen
+                try:
+                    await run_in_threadpool(self.analytics.session, sid)
+                    unseen = True
+                except SessionNotFound:
+                    raise UnknownSession(
+                        f"unknown session {sid!r}: no span or decision of it was seen. "
+                        "To stop agents that have not started yet, kill it with "
+                        '{"unseen": true} (agentgov kill --unseen)'
+                    ) from None
+            result = self.governor.kill(sid, actor, body.reason, unseen=True)
+            deadline = time.monotonic() + body.wait_s
+            while result["acknowledged"] < result["running_at_kill"]:
+                if time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(0.02)
+                result = {**result, **self.governor.kill_status(sid)}
+            result["waited_s"] = body.wait_s
+            return result
 
         return await self._handle(request, "kill", go)
+
+    async def stopped(self, request: Request) -> Response:
+        """An agent acknowledges its session's stop (identified by its lineage token)."""
+
+        async def go(caller: Caller | None) -> dict[str, Any]:
+            sid = _id(request.path_params["session_id"])
+            body = await _body(request, StoppedBody)
+            if body.session_id and body.session_id != sid:
+                raise BadRequest("the body names another session than the path")
+            return self.governor.stopped(sid, body.agent_id, self._token(request), _name(caller))
+
+        return await self._handle(request, "decide", go)
 
     async def events(self, request: Request) -> Response:
         async def go(caller: Caller | None) -> Response:
             sid = _id(request.path_params["session_id"])
+            self._check_stream_token(caller, sid, self._token(request))
             first: list[tuple[str, dict[str, Any]]] = [
                 ("state", self.governor.session(sid) or {"session_id": sid, "status": "active"})
             ]
@@ -296,6 +385,25 @@ class GovernorApi:
 
         return await self._handle(request, "policy", go)
 
+    def _check_stream_token(self, caller: Caller | None, session_id: str, token: str) -> None:
+        """Where the policy requires verified lineage, an agent key hears only the sessions
+        it holds a lineage token of."""
+        if caller is None or caller.role != "agent":
+            return
+        if not self.governor.policy.require_verified_lineage:
+            return
+        if self.governor.tokens is None:
+            raise Forbidden("lineage_required: this governor issues no lineage tokens")
+        try:
+            claims = self.governor.tokens.verify(token) if token else None
+        except LineageInvalid as exc:
+            raise Forbidden(f"{exc.reason}: {exc}") from None
+        if claims is None or claims.session_id != session_id:
+            raise Forbidden(
+                f"lineage_required: an agent key hears a session's events with a lineage "
+                f"token of that session (header {TOKEN_HEADER})"
+            )
+
     def routes(self) -> list[Route]:
         return [
             Route("/api/v1/approvals", self.approvals, methods=["GET"]),
@@ -303,6 +411,7 @@ class GovernorApi:
             Route("/api/v1/approvals/{approval_id}/approve", self.approve, methods=["POST"]),
             Route("/api/v1/approvals/{approval_id}/deny", self.deny, methods=["POST"]),
             Route("/api/v1/sessions/{session_id}/kill", self.kill, methods=["POST"]),
+            Route("/api/v1/sessions/{session_id}/stopped", self.stopped, methods=["POST"]),
             Route("/api/v1/sessions/{session_id}/events", self.events, methods=["GET"]),
             Route("/api/v1/sessions/{session_id}/decisions", self.decisions, methods=["GET"]),
             Route("/api/v1/sessions/{session_id}/decisions/verify", self.verify, methods=["GET"]),
@@ -353,10 +462,12 @@ class DecisionFastPath:
     ) -> tuple[int, dict[str, Any]]:
         model, method, request_type = handler
         authorization = None
+        token = ""
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
-                break
+            elif name == _TOKEN_HEADER:
+                token = value.decode("latin-1")
         try:
             caller = self.api.keys.authorize(authorization, "decide")
         except AuthError as exc:
@@ -380,4 +491,5 @@ class DecisionFastPath:
                 for e in exc.errors()
             )
             return 400, {"error": f"invalid request: {problems}"}
-        return 200, self.api._fail_safe(method, request_type(**body.model_dump()), _name(caller))
+        request = request_type(**body.model_dump(), token=token)
+        return 200, self.api._fail_safe(method, request, _name(caller))

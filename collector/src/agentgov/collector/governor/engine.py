@@ -4,13 +4,20 @@ Decisions never wait on ClickHouse: each session's authoritative state lives her
 decision takes one lock for a few microseconds (so concurrent requests from any number
 of processes can never pass a limit together), and its audit record is handed to a
 sink that writes it behind the answer.
+
+Who asks is established here, never taken from the request body: an agent is the holder
+of the lineage token the governor issued it when it allowed the agent's start, and its
+session, parent, chain, depth and permissions are what the governor recorded then. A
+request without a token (clients that predate tokens, where the policy allows them) may
+only speak for an agent the governor started, with the API key that started it. A request
+the governor cannot attribute is answered ``stop`` and changes nothing: it is not written
+into any session's audit chain, which would let anyone append to anyone's.
 """
 
 from __future__ import annotations
 
 import logging
-import random
-import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -26,28 +33,52 @@ from agentgov.collector.governor.state import (
     POST_HANDOFF,
     PRE_HANDOFF,
     STOP,
+    STOPPED,
     TOOL,
+    AgentState,
     Approval,
     Record,
     SessionState,
     apply,
 )
+from agentgov.collector.governor.tokens import LineageClaims, LineageInvalid, LineageTokens
 from agentgov.collector.risk import RiskRules
 from agentgov.instrumentation.governor import Decision
-from agentgov.instrumentation.permissions import uncovered
+from agentgov.instrumentation.permissions import is_production, is_write, uncovered
 
 log = logging.getLogger(__name__)
-
-_WRITE = re.compile(r"(^|[._:/-])(write|delete|admin|exec)([._:/-]|$)", re.I)
-_PROD = re.compile(r"(^|[^a-z])prod(uction)?([^a-z]|$)", re.I)
 
 
 class GovernorError(RuntimeError):
     """A request the governor cannot act on (unknown approval, bad state)."""
 
 
+class UnknownSession(GovernorError):
+    """A session the governor has never seen: a kill of it must say it means it."""
+
+
 class Forbidden(PermissionError):
     """The caller may not do this (e.g. approve its own request)."""
+
+
+class _Refused(Exception):
+    """A request the governor will not attribute to any agent: answered ``stop``, never
+    recorded (see the module docstring)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class _Who:
+    """Who asks, as the governor established it."""
+
+    session: SessionState | None  # None: a session the governor has not seen yet
+    agent: AgentState | None  # None: the root of a session is being started
+    verified: bool  # identified by a valid lineage token
+    claims: LineageClaims | None
 
 
 @dataclass
@@ -59,10 +90,11 @@ class HandoffRequest:
     permissions: list[str] | None = None
     estimated_usd: float = 0.0
     to_role: str = ""
-    #: the child's delegation depth as the agent sees it; used only when the governor
-    #: has not seen the delegating agent itself
+    #: ignored (older clients sent it): depth is the governor's, never the caller's
     depth: int | None = None
     approval_id: str = ""
+    #: the delegating agent's lineage token, from the request header (never the body)
+    token: str = ""
 
 
 @dataclass
@@ -73,6 +105,7 @@ class ToolRequest:
     command: str = ""
     resources: list[str] = field(default_factory=list)
     approval_id: str = ""
+    token: str = ""
 
 
 @dataclass
@@ -82,9 +115,13 @@ class UsageRequest:
     usd: float = 0.0
     tool_calls: int = 0
     finished: bool = False
+    token: str = ""
 
 
-Sink = Callable[[Record], None]
+#: receives each record with its audit row, serialized before the record was applied
+Sink = Callable[[Record, str], None]
+#: a record's audit row; raises (e.g. on a number JSON cannot hold) to refuse the record
+Encoder = Callable[[Record], str]
 Listener = Callable[[str, dict[str, Any]], None]
 
 
@@ -97,16 +134,24 @@ class Governor:
         rules: RiskRules,
         sink: Sink | None = None,
         clock: Callable[[], float] = time.time,
+        tokens: LineageTokens | None = None,
+        encode: Encoder | None = None,
     ) -> None:
         self.policy_source = policy
         self.rules = rules
         self._sink = sink
+        self._encode = encode
         self._clock = clock
+        #: issues and verifies lineage tokens; None: a governor that issues none
+        self.tokens = tokens
         self._lock = threading.Lock()
         self._sessions: dict[str, SessionState] = {}
         self._approvals: dict[str, Approval] = {}
         #: called with (event type, payload) for kills and approval changes
         self.listeners: list[Listener] = []
+        #: requests answered stop because nobody could be held to them, by reason
+        self.refused: dict[str, int] = {}
+        self._refusal_log_at = 0.0
 
     @property
     def policy(self) -> MultiAgentPolicy:
@@ -131,9 +176,11 @@ class Governor:
             mode=self.policy.mode,
             **fields,
         ).seal(state.last_hash)
+        # serialized before it is applied: a record that cannot be stored changes nothing
+        row = self._encode(record) if self._encode is not None else ""
         apply(state, record, self._approvals)
         if self._sink is not None:
-            self._sink(record)
+            self._sink(record, row)
         return record
 
     def replay(self, records: Iterable[Record]) -> int:
@@ -166,8 +213,106 @@ class Governor:
                 ALLOW,
                 risk=decision.risk,
                 shadow={"outcome": decision.outcome, "reason": decision.reason},
+                lineage_token=decision.lineage_token,
             )
         return decision
+
+    # -- identity --------------------------------------------------------------------------
+
+    def _refuse(self, refused: _Refused, caller: str) -> Decision:
+        """Answer a request nobody can be held to: stop, with what is wrong; count it."""
+        self.refused[refused.reason] = self.refused.get(refused.reason, 0) + 1
+        now = time.monotonic()
+        if now >= self._refusal_log_at:  # at most one line a second: forgers fill no disk
+            self._refusal_log_at = now + 1.0
+            log.warning(
+                "refused a request of %s: %s (%s)",
+                caller or "anonymous",
+                refused.reason,
+                refused.detail,
+            )
+        return Decision(STOP, refused.reason, detail=refused.detail)
+
+    def _identify(
+        self, session_id: str, agent_id: str, token: str, caller: str, root: bool = False
+    ) -> _Who:
+        """Who asks: the holder of ``token``; without one, the agent named, if the
+        governor started it with ``caller``'s key. ``root``: an empty ``agent_id`` starts
+        a new session."""
+        if token:
+            if self.tokens is None:
+                raise _Refused("lineage_invalid", "this governor issues no lineage tokens")
+            try:
+                claims = self.tokens.verify(token)
+            except LineageInvalid as exc:
+                raise _Refused(exc.reason, str(exc)) from None
+            if session_id and session_id != claims.session_id:
+                raise _Refused(
+                    "lineage_invalid",
+                    f"the lineage token is for session {claims.session_id}, not {session_id}",
+                )
+            if agent_id and agent_id != claims.agent_id:
+                raise _Refused(
+                    "lineage_invalid",
+                    f"the lineage token is agent {claims.agent_id}'s; the request names {agent_id}",
+                )
+            state = self._sessions.get(claims.session_id)
+            agent = state.agents.get(claims.agent_id) if state is not None else None
+            if state is None or agent is None:
+                raise _Refused(
+                    "lineage_invalid",
+                    "the lineage token names an agent this governor never started",
+                )
+            return _Who(state, agent, True, claims)
+        state = self._sessions.get(session_id)
+        if not agent_id and root:
+            if state is not None and state.agents and not state.killed:
+                raise _Refused(
+                    "lineage_invalid",
+                    f"session {session_id} has its root agent already: further agents are "
+                    "delegated by one of its agents, with that agent's lineage token",
+                )
+            return _Who(state, None, False, None)
+        if self.policy.require_verified_lineage:
+            raise _Refused(
+                "lineage_required",
+                "the policy requires a lineage token on every request "
+                "(header Agentgov-Lineage-Token); agentgov's SDK sends it",
+            )
+        agent = state.agents.get(agent_id) if state is not None else None
+        if state is None or agent is None:
+            raise _Refused(
+                "unknown_agent",
+                f"the governor never started agent {agent_id or '(none)'} in session "
+                f"{session_id}: agents start with an allowed delegation",
+            )
+        if caller and agent.key and caller != agent.key:
+            raise _Refused(
+                "lineage_invalid",
+                f"agent {agent_id} was started with API key {agent.key!r}; without its "
+                "lineage token, only that key may speak for it",
+            )
+        return _Who(state, agent, False, None)
+
+    def _renewal(self, who: _Who) -> str:
+        """A fresh token for the caller when its own is past half its life."""
+        claims, agent = who.claims, who.agent
+        if claims is None or agent is None or self.tokens is None:
+            return ""
+        if not self.tokens.needs_renewal(claims) or who.session is None or who.session.killed:
+            return ""
+        token, _ = self.tokens.issue(
+            claims.session_id,
+            claims.agent_id,
+            claims.parent_id,
+            claims.chain,
+            claims.role,
+            "",
+            claims.permissions,
+            digest=claims.task_digest,
+            ttl_s=self.policy.lineage_ttl_s,
+        )
+        return token
 
     # -- approvals -------------------------------------------------------------------------
 
@@ -179,7 +324,7 @@ class Governor:
         caller: str,
         request: dict[str, Any],
     ) -> str:
-        aid = f"apr-{random.getrandbits(64):016x}"
+        aid = f"apr-{secrets.token_hex(8)}"
         now = self._clock()
         self._record(
             state,
@@ -198,13 +343,24 @@ class Governor:
         return aid
 
     def _approval_gate(
-        self, state: SessionState, approval_id: str, kind: str, matches: dict[str, Any]
+        self,
+        state: SessionState,
+        approval_id: str,
+        kind: str,
+        matches: dict[str, Any],
+        caller: str,
     ) -> tuple[str, str] | None:
-        """(outcome, reason) when an approval settles the request, None to go on deciding."""
+        """(outcome, reason) when an approval settles the request, None to go on deciding.
+
+        An approval answers one request, by one agent, through one API key: the same
+        request sent by anyone else is a mismatch, so an approval cannot be replayed.
+        """
         approval = self._approvals.get(approval_id)
         if approval is None or approval.session_id != state.session_id or approval.kind != kind:
             return STOP, "approval_unknown"
-        if any(approval.request.get(k) != v for k, v in matches.items()):
+        if approval.requester != caller or any(
+            approval.request.get(k) != v for k, v in matches.items()
+        ):
             return STOP, "approval_mismatch"
         if approval.status == "pending" and self._clock() >= approval.expires:
             self._expire(approval)
@@ -257,7 +413,7 @@ class Governor:
             ]
             if not covers:
                 return None
-            aid = f"apr-{random.getrandbits(64):016x}"
+            aid = f"apr-{secrets.token_hex(8)}"
             self._record(
                 self._session(session_id),
                 APPROVAL,
@@ -359,26 +515,28 @@ class Governor:
     # -- decisions -------------------------------------------------------------------------
 
     def handoff(self, req: HandoffRequest, caller: str = "") -> Decision:
-        """Decide a delegation from ``from_agent`` to ``to_agent`` (or the root's start)."""
+        """Decide a delegation by the token's holder to ``to_agent`` (or a session's root
+        start, without a token); an allowed answer carries ``to_agent``'s token."""
         with self._lock:
-            state = self._session(req.session_id)
-            parent = state.agents.get(req.from_agent) if req.from_agent else None
-            if parent is not None:
-                depth = parent.depth + 1
-            elif req.from_agent:
-                depth = req.depth if req.depth is not None else 1
-            else:
-                depth = 0
-            outcome, reason, owner = self._judge_handoff(state, req, parent, depth)
+            try:
+                who = self._identify(req.session_id, req.from_agent, req.token, caller, root=True)
+                parent = who.agent
+                self._check_target(who, req.to_agent)
+            except _Refused as refused:
+                return self._refuse(refused, caller)
+            state = who.session or self._session(req.session_id)
+            from_agent = parent.agent_id if parent is not None else ""
+            depth = parent.depth + 1 if parent is not None else 0
+            outcome, reason, owner = self._judge_handoff(state, req, parent, depth, caller)
             approval_id = req.approval_id
             if outcome == APPROVAL_REQUIRED and not approval_id:
                 approval_id = self._request_approval(
                     state,
                     "handoff",
-                    req.from_agent or req.to_agent,
+                    from_agent or req.to_agent,
                     caller,
                     {
-                        "from_agent": req.from_agent,
+                        "from_agent": from_agent,
                         "to_agent": req.to_agent,
                         "task": req.task,
                         "permissions": req.permissions,
@@ -387,13 +545,27 @@ class Governor:
             perms = req.permissions
             if perms is None and parent is not None:
                 perms = list(parent.permissions) if parent.permissions is not None else None
+            chain = (*parent.chain, req.to_agent) if parent is not None else (req.to_agent,)
+            goes_ahead = outcome == ALLOW or self.policy.mode == "shadow"
+            token, token_id = "", ""
+            if goes_ahead and self.tokens is not None:
+                token, token_id = self.tokens.issue(
+                    state.session_id,
+                    req.to_agent,
+                    from_agent,
+                    chain,
+                    req.to_role,
+                    req.task,
+                    perms,
+                    ttl_s=self.policy.lineage_ttl_s,
+                )
             self._record(
                 state,
                 PRE_HANDOFF,
                 outcome,
                 reason=reason,
                 owner=owner,
-                from_agent=req.from_agent,
+                from_agent=from_agent,
                 to_agent=req.to_agent,
                 task=req.task,
                 depth=depth,
@@ -404,18 +576,42 @@ class Governor:
                     "role": req.to_role,
                     "approval_id": approval_id,
                     "lock": self.policy.ownership_lock,
+                    "chain": list(chain),
+                    "token_id": token_id,
+                    "verified": who.verified,
                 },
             )
-            decision = Decision(outcome, reason, owner, approval_id)
+            decision = Decision(outcome, reason, owner, approval_id, lineage_token=token)
             return self._finish(decision, outcome, state)
 
+    def _check_target(self, who: _Who, to_agent: str) -> None:
+        """The new agent's id must be new to the session (or a re-delegation by the same
+        parent) and must not close a cycle in the chain."""
+        parent = who.agent
+        existing = who.session.agents.get(to_agent) if who.session is not None else None
+        from_agent = parent.agent_id if parent is not None else ""
+        if existing is not None and existing.parent != from_agent:
+            raise _Refused(
+                "lineage_invalid",
+                f"agent id {to_agent} belongs to another agent of this session: "
+                "give the new agent an id of its own",
+            )
+        if parent is not None and to_agent in parent.chain:
+            raise _Refused("lineage_invalid", f"{to_agent} is in its own delegation chain: a cycle")
+
     def _judge_handoff(
-        self, state: SessionState, req: HandoffRequest, parent: Any, depth: int
+        self,
+        state: SessionState,
+        req: HandoffRequest,
+        parent: AgentState | None,
+        depth: int,
+        caller: str,
     ) -> tuple[str, str, str]:
         p = self.policy
         if state.killed:
             return STOP, "session_killed", ""
         approved = False
+        from_agent = parent.agent_id if parent is not None else ""
         if req.approval_id:
             gate = self._approval_gate(
                 state,
@@ -423,11 +619,12 @@ class Governor:
                 "handoff",
                 # an approval covers exactly what it was asked for, permissions included
                 {
-                    "from_agent": req.from_agent,
+                    "from_agent": from_agent,
                     "to_agent": req.to_agent,
                     "task": req.task,
                     "permissions": req.permissions,
                 },
+                caller,
             )
             if gate is not None:
                 return gate[0], gate[1], ""
@@ -447,7 +644,7 @@ class Governor:
                     return STOP, "ownership_conflict", holder
         if p.max_delegation_depth is not None and depth > p.max_delegation_depth:
             return STOP, "delegation_depth_exceeded", ""
-        if req.from_agent and p.max_handoffs is not None and state.handoffs >= p.max_handoffs:
+        if parent is not None and p.max_handoffs is not None and state.handoffs >= p.max_handoffs:
             return STOP, "handoff_budget_exceeded", ""
         if req.to_agent not in state.agents:
             if p.max_agents_per_run is not None and len(state.agents) >= p.max_agents_per_run:
@@ -471,9 +668,15 @@ class Governor:
                 return STOP, "permission_escalation", ""
         if not approved:
             risky = p.high_risk_delegation
-            perms = wanted or []
-            if (risky.write and any(_WRITE.search(x) for x in perms)) or (
-                risky.production and (any(_PROD.search(x) for x in perms) or _PROD.search(req.task))
+            # what the child may do: its own grants, or its parent's when it names none
+            grants = (
+                list(wanted)
+                if wanted is not None
+                else list(parent.permissions or () if parent is not None else ())
+            )
+            if (risky.write and any(is_write(x) for x in grants)) or (
+                risky.production
+                and (any(is_production(x) for x in grants) or is_production(req.task))
             ):
                 return APPROVAL_REQUIRED, "high_risk_delegation", ""
             if req.task and f"task:{req.task}" in p.require_approval_for:
@@ -482,27 +685,32 @@ class Governor:
 
     def tool(self, req: ToolRequest, caller: str = "") -> Decision:
         """Decide a tool or command call; the answer carries the command's risk score."""
+        # scored before the lock: RE2 is linear in the command, and the lock stays short
         risk = self.rules.assess(req.command, req.resources).score
         with self._lock:
-            state = self._session(req.session_id)
-            outcome, reason = self._judge_tool(state, req)
+            try:
+                who = self._identify(req.session_id, req.agent_id, req.token, caller)
+            except _Refused as refused:
+                return self._refuse(refused, caller)
+            state, agent = who.session, who.agent
+            assert state is not None and agent is not None
+            outcome, reason, detail = self._judge_tool(state, agent, req, caller)
             approval_id = req.approval_id
             if outcome == APPROVAL_REQUIRED and not approval_id:
                 approval_id = self._request_approval(
                     state,
                     "tool",
-                    req.agent_id,
+                    agent.agent_id,
                     caller,
-                    {"agent_id": req.agent_id, "tool": req.tool, "command": req.command},
+                    {"agent_id": agent.agent_id, "tool": req.tool, "command": req.command},
                 )
-            agent = state.agents.get(req.agent_id)
             self._record(
                 state,
                 TOOL,
                 outcome,
                 reason=reason,
-                from_agent=req.agent_id,
-                depth=agent.depth if agent else 0,
+                from_agent=agent.agent_id,
+                depth=agent.depth,
                 actor=caller,
                 detail={
                     "tool": req.tool,
@@ -510,42 +718,57 @@ class Governor:
                     "resources": req.resources,
                     "risk": risk,
                     "approval_id": approval_id,
+                    "verified": who.verified,
                 },
             )
-            return self._finish(Decision(outcome, reason, "", approval_id, risk), outcome, state)
+            decision = Decision(
+                outcome,
+                reason,
+                "",
+                approval_id,
+                risk,
+                lineage_token=self._renewal(who),
+                detail=detail,
+            )
+            return self._finish(decision, outcome, state)
 
-    def _judge_tool(self, state: SessionState, req: ToolRequest) -> tuple[str, str]:
+    def _judge_tool(
+        self, state: SessionState, agent: AgentState, req: ToolRequest, caller: str
+    ) -> tuple[str, str, str]:
         p = self.policy
         if state.killed:
-            return STOP, "session_killed"
+            return STOP, "session_killed", ""
         if p.tool_allowlist is not None and req.tool not in p.tool_allowlist:
-            return STOP, "tool_not_allowed"
+            allowed = ", ".join(p.tool_allowlist[:20]) or "(none)"
+            return STOP, "tool_not_allowed", f"tool {req.tool!r} is not on the allowlist: {allowed}"
         if p.shared_max_tool_calls is not None and state.tool_calls >= p.shared_max_tool_calls:
-            return STOP, "shared_budget_exceeded"
+            return STOP, "shared_budget_exceeded", ""
         if req.tool in p.require_approval_for:
             if not req.approval_id:
-                return APPROVAL_REQUIRED, "approval_required_for_tool"
+                return APPROVAL_REQUIRED, "approval_required_for_tool", ""
             gate = self._approval_gate(
                 state,
                 req.approval_id,
                 "tool",
-                {"agent_id": req.agent_id, "tool": req.tool, "command": req.command},
+                {"agent_id": agent.agent_id, "tool": req.tool, "command": req.command},
+                caller,
             )
             if gate is not None:
-                return gate
-        return ALLOW, ""
+                return gate[0], gate[1], ""
+        return ALLOW, "", ""
 
     def usage(self, req: UsageRequest, caller: str = "") -> Decision:
         """Record spend after a handoff ran; stop the agent once the shared budget is spent."""
         with self._lock:
-            state = self._session(req.session_id)
-            agent = state.agents.get(req.agent_id)
+            try:
+                who = self._identify(req.session_id, req.agent_id, req.token, caller)
+            except _Refused as refused:
+                return self._refuse(refused, caller)
+            state, agent = who.session, who.agent
+            assert state is not None and agent is not None
             p = self.policy
             after_usd = state.usd + max(
-                0.0,
-                (agent.spent_usd + req.usd - max(agent.estimated_usd, agent.spent_usd))
-                if agent
-                else req.usd,
+                0.0, agent.spent_usd + req.usd - max(agent.estimated_usd, agent.spent_usd)
             )
             after_calls = state.tool_calls + req.tool_calls
             if state.killed:
@@ -561,23 +784,42 @@ class Governor:
                 POST_HANDOFF,
                 outcome,
                 reason=reason,
-                from_agent=agent.parent if agent else "",
-                to_agent=req.agent_id,
-                task=agent.task if agent else "",
-                depth=agent.depth if agent else 0,
+                from_agent=agent.parent,
+                to_agent=agent.agent_id,
+                task=agent.task,
+                depth=agent.depth,
                 actor=caller,
                 detail={
                     "usd": req.usd,
                     "tool_calls": req.tool_calls,
                     "finished": req.finished,
                     "budget_usd": round(state.usd, 6),
+                    "verified": who.verified,
                 },
             )
-            return self._finish(Decision(outcome, reason), outcome, state)
+            decision = Decision(outcome, reason, lineage_token=self._renewal(who))
+            return self._finish(decision, outcome, state)
 
-    def kill(self, session_id: str, actor: str, reason: str = "") -> dict[str, Any]:
-        """Stop every agent of a session, now and later; cancel its pending approvals."""
+    # -- kills -----------------------------------------------------------------------------
+
+    def knows(self, session_id: str) -> bool:
+        """Whether the governor has seen the session (decided a step of it, or killed it)."""
+        return session_id in self._sessions
+
+    def kill(
+        self, session_id: str, actor: str, reason: str = "", unseen: bool = False
+    ) -> dict[str, Any]:
+        """Stop every agent of a session, now and later; cancel its pending approvals.
+
+        A session the governor has never seen raises :class:`UnknownSession` unless
+        ``unseen``: the caller knows of it from elsewhere (its spans) or pre-kills an id
+        whose agents have not started yet.
+        """
         with self._lock:
+            if session_id not in self._sessions and not unseen:
+                raise UnknownSession(
+                    f"unknown session {session_id!r}: no agent of it ever asked the governor"
+                )
             state = self._session(session_id)
             already = state.killed
             pending = [
@@ -599,13 +841,89 @@ class Governor:
                 "reason": reason,
                 "cancelled_approvals": pending,
             }
+            status = self._kill_status(state)
         self._emit("kill", payload)
-        return {**payload, "status": "killed"}
+        return {**payload, **status}
+
+    def stopped(
+        self, session_id: str, agent_id: str, token: str, caller: str = ""
+    ) -> dict[str, Any]:
+        """An agent acknowledges its session's stop (the SDK does it on the kill event)."""
+        with self._lock:
+            try:
+                who = self._identify(session_id, agent_id, token, caller)
+            except _Refused as refused:
+                raise Forbidden(f"{refused.reason}: {refused.detail}") from None
+            state, agent = who.session, who.agent
+            assert state is not None and agent is not None
+            if not state.killed:
+                raise GovernorError(f"session {state.session_id} is not killed")
+            if agent.stopped_at is None:
+                self._record(
+                    state,
+                    STOPPED,
+                    "acknowledged",
+                    from_agent=agent.agent_id,
+                    depth=agent.depth,
+                    actor=caller,
+                    detail={"verified": who.verified},
+                )
+            return {
+                "session_id": state.session_id,
+                "agent_id": agent.agent_id,
+                "stopped_at": agent.stopped_at,
+            }
+
+    def kill_status(self, session_id: str) -> dict[str, Any]:
+        """Each known agent of the session: running at the kill, and when it stopped."""
+        with self._lock:
+            state = self._sessions.get(session_id)
+            if state is None:
+                raise UnknownSession(f"unknown session {session_id!r}")
+            return self._kill_status(state)
+
+    @staticmethod
+    def _kill_status(state: SessionState) -> dict[str, Any]:
+        agents = [
+            {
+                "agent_id": a.agent_id,
+                "parent_id": a.parent or None,
+                "role": a.role or None,
+                "running_at_kill": a.running_at_kill,
+                "acknowledged": a.stopped_at is not None,
+                "stopped_at": a.stopped_at,
+            }
+            for a in state.agents.values()
+        ]
+        return {
+            "status": "killed" if state.killed else "active",
+            "killed_at": state.kill_time,
+            "agents": agents,
+            "running_at_kill": sum(1 for a in agents if a["running_at_kill"]),
+            "acknowledged": sum(1 for a in agents if a["acknowledged"]),
+        }
 
     def session(self, session_id: str) -> dict[str, Any] | None:
         with self._lock:
             state = self._sessions.get(session_id)
             return state.summary() if state is not None else None
+
+    def lineage(self, session_id: str) -> dict[str, dict[str, Any]]:
+        """The session's agents as the governor allowed them (parent, chain, depth)."""
+        with self._lock:
+            state = self._sessions.get(session_id)
+            if state is None:
+                return {}
+            return {
+                a.agent_id: {
+                    "parent_id": a.parent,
+                    "chain": list(a.chain),
+                    "depth": a.depth,
+                    "role": a.role,
+                    "token_id": a.token_id,
+                }
+                for a in state.agents.values()
+            }
 
     def is_killed(self, session_id: str) -> bool:
         state = self._sessions.get(session_id)

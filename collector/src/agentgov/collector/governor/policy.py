@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agentgov.collector.validation import problems
+from agentgov.instrumentation.permissions import InvalidPermission, normalize_all
 
 
 class HighRiskDelegation(BaseModel):
@@ -47,8 +48,22 @@ class MultiAgentPolicy(BaseModel):
     require_approval_for: list[str] = Field(default_factory=list)
     high_risk_delegation: HighRiskDelegation = Field(default_factory=HighRiskDelegation)
     approval_ttl_s: int = Field(default=900, ge=1)
+    #: refuse every decision request that carries no lineage token (agentgov's SDK always
+    #: sends one); off, tokenless requests may speak only for agents the governor started,
+    #: with the API key that started them
+    require_verified_lineage: bool = False
+    #: how long a lineage token is valid; agents get a renewed one in their answers
+    lineage_ttl_s: int = Field(default=3600, ge=60, le=7 * 86400)
     #: what an agent is told when the governor cannot decide: stop (fail closed) or allow
     on_error: Literal["stop", "allow"] = "stop"
+
+    @field_validator("permissions")
+    @classmethod
+    def _permissions_in_normal_form(cls, grants: dict[str, list[str]]) -> dict[str, list[str]]:
+        try:
+            return {role: list(normalize_all(items)) for role, items in grants.items()}
+        except InvalidPermission as exc:
+            raise ValueError(str(exc)) from exc
 
     @field_validator("roles")
     @classmethod

@@ -21,6 +21,8 @@ POST_HANDOFF = "post_handoff"
 TOOL = "tool"
 APPROVAL = "approval"
 KILL = "kill"
+#: an agent acknowledged its session's stop (or was refused a step after it)
+STOPPED = "stopped"
 
 ALLOW, STOP, APPROVAL_REQUIRED = "allow", "stop", "approval_required"
 
@@ -69,6 +71,9 @@ class Record:
             ],
             sort_keys=True,
             separators=(",", ":"),
+            # NaN and infinity have no JSON form: a record holding one is refused before
+            # it changes anything, never stored as a hash over text it does not have
+            allow_nan=False,
         ).encode()
 
     def seal(self, prev_hash: str) -> Record:
@@ -93,6 +98,16 @@ class AgentState:
     estimated_usd: float = 0.0
     spent_usd: float = 0.0
     active: bool = True
+    #: from the root agent to this one, as the governor allowed it
+    chain: tuple[str, ...] = ()
+    #: the API key (name) that started it: tokenless requests for it must come from it
+    key: str = ""
+    #: the id of the last lineage token issued to it
+    token_id: str = ""
+    #: when it acknowledged its session's stop (or was refused a step after the kill)
+    stopped_at: float | None = None
+    #: whether it was running when its session was killed
+    running_at_kill: bool = False
 
 
 @dataclass
@@ -126,6 +141,7 @@ class SessionState:
     killed: bool = False
     kill_actor: str = ""
     kill_reason: str = ""
+    kill_time: float | None = None
     #: running noisy-OR log-sum of the risks of allowed tool calls
     decided_risk_log_sum: float = 0.0
     #: this session's approvals (ids), so per-session lookups skip everyone else's
@@ -163,16 +179,23 @@ def apply(state: SessionState, record: Record, approvals: dict[str, Approval]) -
     state.seq = record.seq
     state.last_hash = record.hash
     d = record.detail
+    if record.reason == "session_killed" and record.outcome == STOP:
+        # refused a step after the kill: the agent has learned of the stop
+        refused = state.agents.get(record.from_agent)
+        if refused is not None and refused.stopped_at is None:
+            refused.stopped_at = record.time
     if record.phase == PRE_HANDOFF and record.effective:
         perms = d.get("permissions")
         estimate = float(d.get("estimated_usd", 0.0))
         known = state.agents.get(record.to_agent)
+        chain = tuple(d.get("chain") or ())
         if known is not None:
             # delegated again: what it spent stays spent; the new estimate comes on top
             known.active = True
             known.estimated_usd = max(known.estimated_usd, known.spent_usd) + estimate
             known.task = record.task or known.task
             known.permissions = tuple(perms) if perms is not None else known.permissions
+            known.token_id = str(d.get("token_id", "")) or known.token_id
         else:
             state.agents[record.to_agent] = AgentState(
                 agent_id=record.to_agent,
@@ -182,6 +205,9 @@ def apply(state: SessionState, record: Record, approvals: dict[str, Approval]) -
                 task=record.task,
                 permissions=tuple(perms) if perms is not None else None,
                 estimated_usd=estimate,
+                chain=chain or (record.to_agent,),
+                key=record.actor,
+                token_id=str(d.get("token_id", "")),
             )
         if record.from_agent:
             state.handoffs += 1
@@ -196,7 +222,8 @@ def apply(state: SessionState, record: Record, approvals: dict[str, Approval]) -
         if agent is not None:
             agent.spent_usd += usd
         elif usd or not d.get("finished"):
-            # an agent the governor never saw start: its spend still counts against the run
+            # records written before identities were checked may name an agent the
+            # governor never saw start: its spend still counts against the run
             agent = state.agents[record.to_agent] = AgentState(
                 record.to_agent, "", record.depth, "", "", None, 0.0, usd, True
             )
@@ -207,6 +234,10 @@ def apply(state: SessionState, record: Record, approvals: dict[str, Approval]) -
                 if owner == record.to_agent:
                     del state.owners[task]
     elif record.phase == KILL:
+        if not state.killed:
+            state.kill_time = record.time
+            for agent in state.agents.values():
+                agent.running_at_kill = agent.active
         state.killed = True
         state.kill_actor = record.actor
         state.kill_reason = record.reason
@@ -214,6 +245,11 @@ def apply(state: SessionState, record: Record, approvals: dict[str, Approval]) -
             if approval.session_id == state.session_id and approval.status == "pending":
                 approval.status = "cancelled"
                 approval.decided_at = record.time
+    elif record.phase == STOPPED:
+        agent = state.agents.get(record.from_agent)
+        if agent is not None and agent.stopped_at is None:
+            agent.stopped_at = record.time
+            agent.active = False
     elif record.phase == APPROVAL:
         aid = str(d.get("approval_id", ""))
         if record.outcome == "requested":

@@ -7,7 +7,9 @@ from concurrent import futures
 import grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
+from agentgov.collector.auth import AuthError, KeyRing
 from agentgov.collector.receiver.decode import Limits, OtlpError, decode_grpc
+from agentgov.collector.receiver.otlp_http import OTLP_HEADERS_HINT
 from agentgov.collector.store.writer import (
     SpanWriter,
     StoreRejected,
@@ -23,11 +25,29 @@ def _identity(data: bytes) -> bytes:
 
 
 class _Export:
-    def __init__(self, writer: SpanWriter, limits: Limits) -> None:
+    def __init__(self, writer: SpanWriter, limits: Limits, keys: KeyRing) -> None:
         self.writer = writer
         self.limits = limits
+        self.keys = keys
+
+    def _authorize(self, context: grpc.ServicerContext) -> None:
+        if not self.keys.enabled:
+            return
+        authorization = next(
+            (str(v) for k, v in context.invocation_metadata() if k == "authorization"), None
+        )
+        try:
+            self.keys.authorize(authorization, "ingest")
+        except AuthError as exc:
+            code = (
+                grpc.StatusCode.UNAUTHENTICATED
+                if exc.status == 401
+                else grpc.StatusCode.PERMISSION_DENIED
+            )
+            context.abort(code, f"{exc} (for OTLP exporters: {OTLP_HEADERS_HINT})")
 
     def __call__(self, data: bytes, context: grpc.ServicerContext) -> ExportTraceServiceResponse:
+        self._authorize(context)
         try:
             decoded = decode_grpc(data, self.limits)
             future = self.writer.submit(decoded.payload, decoded.spans, decoded.trace_ids)
@@ -45,14 +65,19 @@ class _Export:
 
 
 def start_grpc_server(
-    writer: SpanWriter, limits: Limits, host: str, port: int, workers: int = 8
+    writer: SpanWriter,
+    limits: Limits,
+    host: str,
+    port: int,
+    workers: int = 8,
+    keys: KeyRing | None = None,
 ) -> tuple[grpc.Server, int]:
     """Start the gRPC receiver; returns the server and the port it bound."""
     handler = grpc.method_handlers_generic_handler(
         SERVICE,
         {
             "Export": grpc.unary_unary_rpc_method_handler(
-                _Export(writer, limits),
+                _Export(writer, limits, keys or KeyRing([])),
                 request_deserializer=_identity,
                 response_serializer=ExportTraceServiceResponse.SerializeToString,
             )

@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from agentgov.collector.auth import AuthError, KeyRing
 from agentgov.collector.receiver.decode import Limits, OtlpError, PayloadTooLarge, decode_http
 from agentgov.collector.store.writer import (
     SpanWriter,
@@ -16,6 +17,8 @@ from agentgov.collector.store.writer import (
     WriterClosed,
     WriterOverloaded,
 )
+
+OTLP_HEADERS_HINT = "set OTEL_EXPORTER_OTLP_HEADERS=Authorization=Bearer%20<agent key>"
 
 # Decoding a small body inline is cheaper than a hop to a worker thread.
 _INLINE_DECODE_BYTES = 256 << 10
@@ -45,13 +48,19 @@ async def _read_body(request: Request, limit: int) -> bytes:
 class OtlpHttpReceiver:
     """The ``/v1/traces`` endpoint, bound to a writer."""
 
-    def __init__(self, writer: SpanWriter, limits: Limits) -> None:
+    def __init__(self, writer: SpanWriter, limits: Limits, keys: KeyRing | None = None) -> None:
         self.writer = writer
         self.limits = limits
+        self.keys = keys or KeyRing([])
 
     async def handle(self, request: Request) -> Response:
         content_type = request.headers.get("content-type", "")
         encoding = request.headers.get("content-encoding", "")
+        try:
+            # before the body is read: an unauthenticated sender costs no decoding
+            self.keys.authorize(request.headers.get("authorization"), "ingest")
+        except AuthError as exc:
+            return _error(exc.status, f"{exc} (for OTLP exporters: {OTLP_HEADERS_HINT})")
         try:
             body = await _read_body(request, self.limits.max_request_bytes)
             if len(body) <= _INLINE_DECODE_BYTES:

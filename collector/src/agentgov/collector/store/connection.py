@@ -40,6 +40,11 @@ class StoreConfig:
     def embedded(self) -> bool:
         return self.dsn.startswith("chdb:")
 
+    @property
+    def data_path(self) -> Path | None:
+        """The embedded store's data folder (None for a server)."""
+        return Path(_chdb_path(self.dsn)) if self.embedded else None
+
     def redacted(self) -> str:
         """The DSN without its password, for logs and messages."""
         parts = urlsplit(self.dsn)
