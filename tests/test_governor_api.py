@@ -756,9 +756,9 @@ def test_delegation_depth_exceeded(lit: Gov) -> None:
         "outcome": "stop",
         "reason": "delegation_depth_exceeded",
     }
-    # depth is the governor's: a delegating agent it never started cannot claim one
+    # depth is the governor's: without a token nobody can claim a place in a chain
     assert lit.handoff("lit-depth-2", "x", frm="outside", depth=0, token="")["reason"] == (
-        "unknown_agent"
+        "lineage_required"
     )
 
 
@@ -796,7 +796,7 @@ def test_usage_of_agents_never_started_is_refused_and_changes_nothing(appr: Gov)
     before = appr.figures(sid)
     for i in range(3):
         answer = appr.usage(sid, f"ghost-{i}", usd=0.1, finished=True, token="")
-        assert (answer["outcome"], answer["reason"]) == ("stop", "unknown_agent")
+        assert (answer["outcome"], answer["reason"]) == ("stop", "lineage_required")
     # not even a record: a refusal nobody can be held to is not written into the chain
     assert appr.figures(sid) == before
     assert appr.handoff(sid, "worker", frm="planner")["outcome"] == "allow"

@@ -181,9 +181,13 @@ class _SessionWatch:
         )
         resp = conn.getresponse()
         if resp.status in (401, 403):
-            # a refused key will not start working by retrying: stop listening, say why
+            self.ready.set()  # nothing to wait for: agents still see a kill at their steps
+            if not token and resp.status == 403:
+                # the governor wants a lineage token of the session, which this process
+                # gets with its first agent's start: listen again once there is one
+                raise RuntimeError("refused until an agent of this process holds a token")
+            # a refused key or token will not start working by retrying: say why, stop
             self.closed = True
-            self.ready.set()
             log.error(
                 "control events of %s refused: %s %r; kills will only be seen at governed steps",
                 self.session_id,
@@ -273,6 +277,8 @@ class GovernorClient:
         self._watch_lock = threading.Lock()
         #: session -> agent id -> the token cell of each agent of this process still running
         self._running: dict[str, dict[str, Any]] = {}
+        #: session -> a token cell of one of its agents, for the session's event stream
+        self._known: dict[str, Any] = {}
         #: called with (session_id, kill event) when a watched session is killed
         self.on_kill: list[Callable[[str, dict[str, Any]], None]] = []
 
@@ -395,8 +401,13 @@ class GovernorClient:
     def session_token(self, session_id: str) -> str:
         """A token of one of this process's agents in the session (for its event stream)."""
         with self._watch_lock:
-            cells = list(self._running.get(session_id, {}).values())
+            cells = [*self._running.get(session_id, {}).values(), self._known.get(session_id)]
         return next((c.value for c in cells if getattr(c, "value", "")), "")
+
+    def remember(self, session_id: str, token: Any) -> None:
+        """Keep a token cell of the session for its event stream (before any agent runs)."""
+        with self._watch_lock:
+            self._known.setdefault(session_id, token)
 
     def _acknowledge_kill(self, session_id: str) -> None:
         """Tell the governor which of this process's agents stopped (runs on the listener

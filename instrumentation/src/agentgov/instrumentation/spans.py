@@ -105,6 +105,7 @@ class SessionScope(_Scope):
         root = self._gov._agent(name, parent=self.lineage, parent_ctx=None, **kwargs)
         governor = self._gov.governor
         if governor is not None:
+            governor.remember(self.session_id, root.lineage.token)
             governor.watch(self.session_id)
             decision = governor.handoff(
                 self.session_id,
@@ -208,10 +209,11 @@ class AgentSpan(_Scope):
         With a governor, an agent of a killed session is refused here, before it runs.
         """
         governor = self._gov.governor
-        if governor is not None:
-            governor.watch(self.lineage.session_id)
-            governor.check(self.lineage.session_id)
         lin = self.lineage
+        if governor is not None:
+            governor.remember(lin.session_id, lin.token)
+            governor.watch(lin.session_id)
+            governor.check(lin.session_id)
         attrs: dict[str, Any] = {
             cv.OPERATION_NAME: cv.OP_INVOKE_AGENT,
             cv.AGENT_ID: lin.agent_id,
@@ -633,6 +635,7 @@ class Governance:
         if governor is None:
             return
         lin = child.lineage
+        governor.remember(lin.session_id, parent.token if parent.token.value else lin.token)
         governor.watch(lin.session_id)
         try:
             decision = governor.handoff(

@@ -79,7 +79,7 @@ class HandoffBody(_Body):
     """A delegation request. Who delegates comes from the lineage token (header), never
     from ``from_agent``, which older clients send and which must then agree with it."""
 
-    session_id: str
+    session_id: str = ""
     from_agent: str = ""
     to_agent: str
     task: str = Field(default="", max_length=1000)
@@ -89,31 +89,33 @@ class HandoffBody(_Body):
     depth: int | None = Field(default=None, ge=0, le=10_000)
     approval_id: str = ""
 
-    _ids = field_validator("session_id", "to_agent")(_id)
-    _opt = field_validator("from_agent", "approval_id")(_opt_id)
+    _ids = field_validator("to_agent")(_id)
+    _opt = field_validator("session_id", "from_agent", "approval_id")(_opt_id)
     _perms = field_validator("permissions")(_permissions)
 
 
 class ToolBody(_Body):
-    session_id: str
-    agent_id: str
+    """A tool call. Who calls comes from the lineage token; ``session_id`` and
+    ``agent_id`` are for tokenless clients (and must agree with a token if one is sent)."""
+
+    session_id: str = ""
+    agent_id: str = ""
     tool: str = Field(min_length=1, max_length=256)
     command: str = Field(default="", max_length=64_000)
     resources: list[Text] = Field(default_factory=list, max_length=1024)
     approval_id: str = ""
 
-    _ids = field_validator("session_id", "agent_id")(_id)
-    _opt = field_validator("approval_id")(_opt_id)
+    _opt = field_validator("session_id", "agent_id", "approval_id")(_opt_id)
 
 
 class UsageBody(_Body):
-    session_id: str
-    agent_id: str
+    session_id: str = ""
+    agent_id: str = ""
     usd: float = Field(default=0.0, ge=0, le=MAX_USD, allow_inf_nan=False)
     tool_calls: int = Field(default=0, ge=0, le=MAX_TOOL_CALLS)
     finished: bool = False
 
-    _ids = field_validator("session_id", "agent_id")(_id)
+    _opt = field_validator("session_id", "agent_id")(_opt_id)
 
 
 class StoppedBody(_Body):

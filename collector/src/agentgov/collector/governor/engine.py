@@ -264,6 +264,11 @@ class Governor:
                     "the lineage token names an agent this governor never started",
                 )
             return _Who(state, agent, True, claims)
+        if not session_id:
+            raise _Refused(
+                "lineage_invalid",
+                "a request without a lineage token names its session_id (and agent)",
+            )
         state = self._sessions.get(session_id)
         if not agent_id and root:
             if state is not None and state.agents and not state.killed:
@@ -524,7 +529,7 @@ class Governor:
                 self._check_target(who, req.to_agent)
             except _Refused as refused:
                 return self._refuse(refused, caller)
-            state = who.session or self._session(req.session_id)
+            state = who.session or self._session(req.session_id)  # a root: named session
             from_agent = parent.agent_id if parent is not None else ""
             depth = parent.depth + 1 if parent is not None else 0
             outcome, reason, owner = self._judge_handoff(state, req, parent, depth, caller)

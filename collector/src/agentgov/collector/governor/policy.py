@@ -49,9 +49,10 @@ class MultiAgentPolicy(BaseModel):
     high_risk_delegation: HighRiskDelegation = Field(default_factory=HighRiskDelegation)
     approval_ttl_s: int = Field(default=900, ge=1)
     #: refuse every decision request that carries no lineage token (agentgov's SDK always
-    #: sends one); off, tokenless requests may speak only for agents the governor started,
-    #: with the API key that started them
-    require_verified_lineage: bool = False
+    #: sends one), except the start of a new session's root. Off (for clients that cannot
+    #: carry tokens), a tokenless request may speak only for an agent the governor started,
+    #: with the API key that started it: agents sharing a key can then speak for each other
+    require_verified_lineage: bool = True
     #: how long a lineage token is valid; agents get a renewed one in their answers
     lineage_ttl_s: int = Field(default=3600, ge=60, le=7 * 86400)
     #: what an agent is told when the governor cannot decide: stop (fail closed) or allow
