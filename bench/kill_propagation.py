@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -46,9 +47,12 @@ def child(url: str) -> None:
     stopped: list[int] = []
     started = threading.Barrier(len(carriers) + 1)
     lock = threading.Lock()
+    agents: list[Any] = []
 
     def run(carrier: dict[str, str]) -> None:
         with gov.agent("worker", carrier=carrier) as agent:
+            with lock:
+                agents.append(agent)
             started.wait()
             try:
                 while True:
@@ -62,15 +66,10 @@ def child(url: str) -> None:
     for t in threads:
         t.start()
     started.wait()
-    # baseline: one governed decision round trip from this process
+    # baseline: one governed decision round trip from this process, by one of its agents
     t0 = time.monotonic_ns()
-    client.tool(
-        json.loads(json.dumps(carriers[0]))["BAGGAGE"]
-        .split("agentgov.session.id=")[1]
-        .split(",")[0],
-        "probe",
-        "noop",
-    )
+    with agents[0].tool("probe", command="noop"):
+        pass
     rtt = time.monotonic_ns() - t0
     print(json.dumps({"ready": True}), flush=True)
     for t in threads:
