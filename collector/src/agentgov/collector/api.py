@@ -163,7 +163,7 @@ class QueryApi:
                 node = by_id[agent_id] = {
                     "id": agent_id, "name": "", "role": lin["role"], "depth": lin["depth"],
                     "risk": 0, "tool_calls": 0, "usd": 0.0, "parent_id": lin["parent_id"],
-                    "task": "", "error": 0,
+                    "task": "", "error": 0, "via": "", "evidence": "",
                 }  # fmt: skip
                 nodes.append(node)
             node["contradicted"] = (node["parent_id"] or "") != lin["parent_id"] or int(
@@ -172,13 +172,20 @@ class QueryApi:
             node["parent_id"], node["depth"] = lin["parent_id"], lin["depth"]
             node["verified"] = bool(lin["token_id"])
             node["lineage"] = "governor"
+            if lin["parent_id"]:
+                node["via"] = "governor"
         for node in nodes:
             node.setdefault("verified", False)
             node.setdefault("contradicted", False)
             node.setdefault("lineage", "spans")
         nodes.sort(key=lambda n: (int(n["depth"]), str(n["id"])))
         edges = [
-            {"source": n["parent_id"], "target": n["id"], "task": n.get("task", "")}
+            {
+                "source": n["parent_id"],
+                "target": n["id"],
+                "task": n.get("task", ""),
+                "via": n.get("via") or "explicit",
+            }
             for n in nodes
             if n["parent_id"]
         ]

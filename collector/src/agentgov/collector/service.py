@@ -39,6 +39,7 @@ from agentgov.collector.governor.events import ControlHub
 from agentgov.collector.governor.policy import PolicySource
 from agentgov.collector.governor.state import Record
 from agentgov.collector.governor.tokens import LineageKeys, LineageTokens
+from agentgov.collector.normalize.service import TraceResolver
 from agentgov.collector.receiver.decode import Limits
 from agentgov.collector.receiver.otlp_grpc import start_grpc_server
 from agentgov.collector.receiver.otlp_http import OtlpHttpReceiver
@@ -112,6 +113,7 @@ class Collector:
         self._alerts_api: AlertsApi | None = None
         self.audit_writer: audit.AuditWriter | None = None
         self.writer: SpanWriter | None = None
+        self.resolver: TraceResolver | None = None
         self.analytics: Analytics | None = None
         self._grpc: grpc.Server | None = None
         self._server: uvicorn.Server | None = None
@@ -141,6 +143,9 @@ class Collector:
             finally:
                 housekeeping.cancel()
 
+        resolver = self.resolver
+        assert resolver is not None
+
         async def health(request: Request) -> Response:
             stats = writer.stats
             return JSONResponse(
@@ -152,6 +157,12 @@ class Collector:
                     "duplicate_requests": stats.duplicates,
                     "failed_requests": stats.failed_requests,
                     "insert_seconds": round(stats.insert_seconds, 3),
+                    "resolver": {
+                        "resolutions": resolver.stats.resolutions,
+                        "spans": resolver.stats.spans,
+                        "failures": resolver.stats.failures,
+                        "pending_groups": resolver.pending,
+                    },
                 }
             )
 
@@ -229,7 +240,17 @@ class Collector:
             log.info("governor state rebuilt from %d audit records", replayed)
         self._open_alerts(store)
         assert self.alerts is not None
-        self.writer = SpanWriter(store, self.rules, on_stored=self.alerts.observe_spans).start()
+        alerts = self.alerts
+        self.resolver = TraceResolver(
+            store, self.rules, on_resolved=alerts.observe_resolved
+        ).start()
+        resolver = self.resolver
+
+        def stored(insert_id: str, received: float) -> None:
+            alerts.observe_spans(insert_id, received)
+            resolver.observe_batch(insert_id, received)
+
+        self.writer = SpanWriter(store, self.rules, on_stored=stored).start()
         # long-lived objects of the start-up (schema, clients, replayed state) leave the
         # collector's generations: full collections then stay short on the decision path
         gc.collect()
@@ -353,6 +374,10 @@ class Collector:
             self._grpc = None
         if self.writer is not None:
             self.writer.close()
+        if self.resolver is not None:
+            self.resolver.flush(10)
+            self.resolver.close()
+            self.resolver = None
         if self.alerts is not None:
             self.alerts.drain(5)
             self.alerts.close()

@@ -1,8 +1,9 @@
 """Where alert rules are evaluated and acted on, inside the collector.
 
-Stored spans (handed over by the span writer once durable, read into facts by a worker
-process, see extract.py) and governor decisions (handed over as they are made) go into
-one bounded queue; one thread updates the live session aggregates and evaluates the
+Stored spans (each batch the span writer made durable, read back by its insert token as
+the facts the store derived with the normalization model; each trace group the resolver
+resolved, as the facts it wrote) and governor decisions (handed over as they are made) go
+into one bounded queue; one thread updates the live session aggregates and evaluates the
 ``span``, ``decision`` and ``session`` rules of the sessions they touched. ``sql`` rules run on a second thread with
 their own ClickHouse client. A firing rule acts at once: ``stop`` is an ordinary kill with
 the rule as actor (so it propagates exactly like a person's), ``approval_required`` folds
@@ -25,8 +26,13 @@ from typing import Any, Protocol
 
 import re2
 
-from agentgov.collector.alerts.extract import FactExtractor, facts_of
-from agentgov.collector.alerts.facts import FactView, SpanFact, decision_fields
+from agentgov.collector.alerts.facts import (
+    FACT_COLUMNS,
+    FactView,
+    SpanFact,
+    decision_fields,
+    facts_from_rows,
+)
 from agentgov.collector.alerts.journal import (
     APPROVAL_REQUESTED,
     FIRED,
@@ -42,6 +48,7 @@ from agentgov.collector.alerts.slack import Notice, SlackNotifier
 from agentgov.collector.governor.engine import Governor
 from agentgov.collector.governor.state import Record
 from agentgov.collector.risk import RiskRules, compile_re2
+from agentgov.collector.store import schema
 from agentgov.collector.store.connection import StoreConfig, open_client
 
 log = logging.getLogger(__name__)
@@ -163,7 +170,7 @@ class EngineStats:
     sql_errors: dict[str, str] = field(default_factory=dict)
 
 
-_Item = tuple[str, Any, float]  # ("spans" | "record", payload, received at)
+_Item = tuple[str, Any, float]  # ("spans" | "resolved" | "record", payload, received at)
 
 #: decision fields a Record holds as attributes (the others are derived from it)
 _RECORD_FIELDS = frozenset(
@@ -229,7 +236,10 @@ class AlertEngine:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.stats = EngineStats()
-        self._extractor = FactExtractor(risk)
+        #: resolved facts by (trace, span, kind, time): the session they count in, and the
+        #: fact (a later resolution replaces it, in its session or another)
+        self._resolved: dict[tuple[str, str, str, float], tuple[str, SpanFact]] = {}
+        self._reader: Any = None  # the engine thread's client, for a batch's rows
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -257,7 +267,9 @@ class AlertEngine:
         for thread in self._threads:
             thread.join(10)
         self._threads = []
-        self._extractor.close()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until everything observed so far is evaluated (tests, benchmarks)."""
@@ -277,16 +289,21 @@ class AlertEngine:
         self._offered += 1
         self._queue.put(item)
 
-    def observe_spans(self, payload: bytes, received_at: float) -> None:
-        """The span writer's ``on_stored`` hook: a request's spans are durable.
-
-        Its facts are read in the extractor's process at once; the engine's thread takes
-        them in arrival order. Nothing is read when no rule needs spans.
-        """
+    def _needs_spans(self) -> bool:
         ruleset = self.source.ruleset
-        if not ruleset.by_source("span") and not ruleset.by_source("session"):
-            return
-        self._offer(("spans", self._extractor.submit(payload), received_at))
+        return bool(ruleset.by_source("span") or ruleset.by_source("session"))
+
+    def observe_spans(self, insert_id: str, received_at: float) -> None:
+        """The span writer's ``on_stored`` hook: a batch is durable. Its rows are read back
+        by its insert token on the engine's thread; nothing is read when no rule needs spans."""
+        if self._needs_spans():
+            self._offer(("spans", insert_id, received_at))
+
+    def observe_resolved(self, facts: list[SpanFact], received_at: float) -> None:
+        """The resolver's hook: the facts of a trace group as now resolved. A fact seen
+        before is replaced (a later resolution may move it to another session)."""
+        if self._needs_spans():
+            self._offer(("resolved", facts, received_at))
 
     def observe_record(self, record: Record) -> None:
         """A governor decision was just made (called under the governor's lock).
@@ -374,13 +391,17 @@ class AlertEngine:
         session_rules = ruleset.by_source("session")
         touched: dict[str, float] = {}
         for kind, payload, received in batch:
-            if kind == "spans":
+            if kind == "resolved":
+                self.stats.events += 1
+                for fact in payload:
+                    self._upsert(fact, received, span_rules, touched)
+            elif kind == "spans":
                 self.stats.events += 1
                 try:
-                    facts = facts_of(payload.result(timeout=60))
+                    facts = self._batch_facts(str(payload))
                 except Exception:
                     self.stats.lost_requests += 1
-                    log.exception("span facts of a stored request could not be read")
+                    log.exception("span facts of a stored batch could not be read")
                     continue
                 for fact in facts:
                     self.stats.facts += 1
@@ -445,6 +466,50 @@ class AlertEngine:
         if not self._governor.is_killed(live.session_id):
             return True
         return live.killed_at is not None and at <= live.killed_at
+
+    def _batch_facts(self, insert_id: str) -> list[SpanFact]:
+        """The facts of the rows one batch derived (agentgov's own spans: foreign ones come
+        resolved, through observe_resolved)."""
+        if self._store is None:
+            return []
+        if self._reader is None:
+            self._reader = open_client(self._store)
+        rows = self._reader.query(
+            # table and columns are this package's constants; the token is bound
+            f"SELECT {FACT_COLUMNS} FROM {schema.SPANS_NATIVE} WHERE InsertId = {{i:String}}",  # noqa: S608
+            parameters={"i": insert_id},
+        ).result_rows
+        return facts_from_rows(rows)
+
+    def _upsert(
+        self,
+        fact: SpanFact,
+        received: float,
+        span_rules: list[AlertRule],
+        touched: dict[str, float],
+    ) -> None:
+        """A resolved fact: new, unchanged (nothing to do), or replacing an earlier one."""
+        self.stats.facts += 1
+        fact.verified = self._proven(fact)
+        key = (fact.trace_id, fact.span_id, fact.kind, fact.time)
+        before = self._resolved.get(key)
+        if before is not None:
+            old_session, old = before
+            if old_session == fact.session_id and old == fact:
+                return
+            self._session(old_session).remove_span(old)
+            touched.setdefault(old_session, received)
+        self._resolved[key] = (fact.session_id, fact)
+        live = self._session(fact.session_id)
+        trusted = fact.verified or not self._governor.knows(fact.session_id)
+        if trusted:
+            live.add_span(fact)
+            touched.setdefault(fact.session_id, received)
+        if span_rules and self._before_any_kill(live, fact.time):
+            view = FactView(fact)
+            for rule in span_rules:
+                if (trusted or rule.unverified) and matches(rule, view):
+                    self._fire(rule, fact.session_id, fact.fields(), received)
 
     def _proven(self, fact: SpanFact) -> bool:
         """Whether the span's proof shows that the agent it names made it."""
@@ -635,9 +700,12 @@ class AlertEngine:
     def _sweep(self) -> None:
         """Forget sessions idle past ``idle_s`` and throttles past their window."""
         now = self._clock()
-        for sid in [s for s, live in self._sessions.items() if now - live.last_seen > self._idle_s]:
+        idle = {s for s, live in self._sessions.items() if now - live.last_seen > self._idle_s}
+        for sid in idle:
             del self._sessions[sid]
             self._judged_at.pop(sid, None)
+        for gone in [k for k, (sid, _) in self._resolved.items() if sid in idle]:
+            del self._resolved[gone]
         longest = max((r.throttle_s for r in self.source.ruleset.rules), default=0.0)
         with self._fire_lock:
             for key in [k for k, t in self._last.items() if now - t > longest]:

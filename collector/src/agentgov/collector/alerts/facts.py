@@ -1,57 +1,22 @@
 """What the alert engine sees: governance facts of stored spans and of decisions.
 
-Facts are read from the parsed OTLP request once it is stored (live), or from the
-governance tables (``agentgov alerts test``), so both paths judge the same data.
+Span facts are read from the typed span rows the store derived with the normalization
+model (normalize/): live, a batch's rows right after the batch is durable (by its insert
+token) and each trace group's rows as the resolver resolves it; for ``agentgov alerts
+test``, a stored session's rows. One reader (:func:`facts_from_rows`) serves all three, so
+the live engine and the dry run judge the same facts.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
-
 from agentgov.collector.governor.state import Record
-from agentgov.collector.risk import RiskRules
-from agentgov.instrumentation import conventions as cv
 from agentgov.instrumentation.permissions import write_granted
 
 TOOL, AGENT, MESSAGE = "tool", "agent", "message"
-
-# the session-id and operation attributes the typed-spans view accepts, in its order
-_SESSION_KEYS = (
-    cv.SESSION_ID,
-    "session.id",
-    "gen_ai.conversation.id",
-    "traceloop.association.properties.session_id",
-)
-
-
-_WANTED = frozenset(
-    {
-        *_SESSION_KEYS,
-        cv.OPERATION_NAME,
-        cv.AGENT_ID,
-        cv.AGENT_NAME,
-        cv.PARENT_AGENT_ID,
-        cv.DELEGATION_CHAIN,
-        cv.DELEGATION_DEPTH,
-        cv.AGENT_ROLE,
-        cv.TASK,
-        cv.INTENT,
-        cv.PERMISSIONS,
-        cv.COMMAND,
-        cv.RESOURCES,
-        cv.TOOL_NAME,
-        cv.RISK_SCORE,
-        cv.COST_USD,
-        cv.LINEAGE_TOKEN_ID,
-        cv.LINEAGE_PROOF,
-    }
-)
 
 
 @dataclass(slots=True)
@@ -145,117 +110,96 @@ def is_destructive(risk_rules: Sequence[str]) -> bool:
     )
 
 
-def _value(v: AnyValue) -> Any:
-    s = v.string_value
-    if s:  # most attributes are strings: one field read instead of WhichOneof
-        return s
-    which = v.WhichOneof("value")
-    if which == "string_value":
-        return v.string_value
-    if which == "int_value":
-        return v.int_value
-    if which == "double_value":
-        return v.double_value
-    if which == "bool_value":
-        return v.bool_value
-    if which == "array_value":
-        return [_value(x) for x in v.array_value.values]
-    return None
+#: the span row columns facts are made of (SELECT list over agentgov_spans and its tables)
+FACT_COLUMNS = (
+    "toUnixTimestamp64Nano(Timestamp), Duration, Operation, AgentId, AgentName, ParentAgentId,"
+    " Chain, Depth, Role, Task, Intent, ToolName, Command, Resources, Permissions, RiskScore,"
+    " RiskRules, CostUsd, StatusCode, SessionId, TraceId, SpanId, LineageTokenId, LineageProof,"
+    " MessageFacts"
+)
 
 
-def strings(value: Any) -> tuple[str, ...]:
-    if isinstance(value, list):
-        return tuple(str(x) for x in value)
-    if isinstance(value, str) and value.startswith("["):
-        try:  # a JSON array, as other emitters and ClickHouse's map columns carry it
-            return tuple(str(x) for x in json.loads(value))
-        except ValueError:
-            return (value,)
-    return () if value in (None, "") else (str(value),)
+def facts_from_rows(rows: Iterable[Sequence[Any]]) -> list[SpanFact]:
+    """The tool calls, agents and inter-agent messages of typed span rows (FACT_COLUMNS)."""
+    facts = []
+    for (
+        start,
+        duration,
+        op,
+        agent,
+        name,
+        parent,
+        chain,
+        depth,
+        role,
+        task,
+        intent,
+        tool,
+        command,
+        resources,
+        permissions,
+        risk,
+        risk_rules,
+        usd,
+        status,
+        session_id,
+        trace_id,
+        span_id,
+        token_id,
+        proof,
+        messages,
+    ) in rows:
+        base: dict[str, Any] = {
+            "session_id": session_id,
+            "agent_id": agent,
+            "agent_name": str(name),
+            "parent_id": parent,
+            "chain": tuple(chain),
+            "depth": int(depth),
+            "role": str(role),
+            "task": task,
+            "intent": intent,
+            "permissions": tuple(permissions) or None,
+            "status": "Error" if status == "Error" else "",
+            "trace_id": trace_id,
+            "span_id": span_id,
+            "token_id": token_id,
+            "proof": proof,
+        }
+        if op == "execute_tool" or command:
+            facts.append(
+                SpanFact(
+                    kind=TOOL,
+                    time=(int(start) + int(duration)) / 1e9,
+                    tool=str(tool),
+                    command=command,
+                    resources=tuple(resources),
+                    risk=int(risk),
+                    risk_rules=tuple(str(r) for r in risk_rules),
+                    **base,
+                )
+            )
+        elif op == "invoke_agent":
+            facts.append(SpanFact(kind=AGENT, time=int(start) / 1e9, usd=float(usd), **base))
+        for at, sender, to, injection, signals in messages:
+            facts.append(
+                SpanFact(
+                    kind=MESSAGE,
+                    time=int(at) / 1e9,
+                    message_to=to,
+                    injection=int(injection),
+                    injection_signals=tuple(signals),
+                    **{**base, "agent_id": sender or agent},
+                )
+            )
+    return facts
 
 
-def as_int(value: Any) -> int:
+def _int(value: Any) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
         return 0
-
-
-def _float(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return 0.0
-
-
-def span_facts(request: ExportTraceServiceRequest, rules: RiskRules) -> Iterator[SpanFact]:
-    """The facts of a stored OTLP request's governed spans (those with a session id)."""
-    for rs in request.resource_spans:
-        for ss in rs.scope_spans:
-            for span in ss.spans:
-                # only the attributes facts are made of (hosts add their own by the dozen)
-                attrs = {kv.key: _value(kv.value) for kv in span.attributes if kv.key in _WANTED}
-                sid = next((str(attrs[k]) for k in _SESSION_KEYS if attrs.get(k)), "")
-                if not sid:
-                    continue
-                op = attrs.get(cv.OPERATION_NAME, "")
-                agent_id = str(attrs.get(cv.AGENT_ID) or attrs.get(cv.AGENT_NAME) or "")
-                chain = strings(attrs.get(cv.DELEGATION_CHAIN)) or ((agent_id,) if agent_id else ())
-                base: dict[str, Any] = {
-                    "session_id": sid,
-                    "trace_id": span.trace_id.hex(),
-                    "span_id": span.span_id.hex(),
-                    "token_id": str(attrs.get(cv.LINEAGE_TOKEN_ID, "")),
-                    "proof": str(attrs.get(cv.LINEAGE_PROOF, "")),
-                    "agent_id": agent_id,
-                    "agent_name": str(attrs.get(cv.AGENT_NAME, "")),
-                    "parent_id": str(attrs.get(cv.PARENT_AGENT_ID, "")),
-                    "chain": chain,
-                    "depth": as_int(attrs.get(cv.DELEGATION_DEPTH, max(len(chain) - 1, 0))),
-                    "role": str(attrs.get(cv.AGENT_ROLE, "")),
-                    "task": str(attrs.get(cv.TASK, "")),
-                    "intent": str(attrs.get(cv.INTENT, "")),
-                }
-                permissions = strings(attrs[cv.PERMISSIONS]) if cv.PERMISSIONS in attrs else None
-                status = "Error" if span.status.code == 2 else ""
-                command = str(attrs.get(cv.COMMAND, ""))
-                if op == cv.OP_EXECUTE_TOOL or command:
-                    resources = strings(attrs.get(cv.RESOURCES))
-                    assessed = rules.assess(command, resources)
-                    yield SpanFact(
-                        kind=TOOL,
-                        time=span.end_time_unix_nano / 1e9,
-                        tool=str(attrs.get(cv.TOOL_NAME, "")),
-                        command=command,
-                        resources=resources,
-                        permissions=permissions,
-                        # the emitter's own score is a floor, as in the stored spans
-                        risk=max(min(as_int(attrs.get(cv.RISK_SCORE)), 100), assessed.score),
-                        risk_rules=assessed.rules,
-                        status=status,
-                        **base,
-                    )
-                elif op == cv.OP_INVOKE_AGENT:
-                    yield SpanFact(
-                        kind=AGENT,
-                        time=span.start_time_unix_nano / 1e9,
-                        permissions=permissions,
-                        usd=_float(attrs.get(cv.COST_USD)),
-                        status=status,
-                        **base,
-                    )
-                for event in span.events:
-                    if event.name != cv.MESSAGE_EVENT:
-                        continue
-                    ev = {kv.key: _value(kv.value) for kv in event.attributes}
-                    yield SpanFact(
-                        kind=MESSAGE,
-                        time=event.time_unix_nano / 1e9,
-                        message_to=str(ev.get(cv.MESSAGE_TO, "")),
-                        injection=min(as_int(ev.get(cv.MESSAGE_INJECTION)), 100),
-                        injection_signals=strings(ev.get(cv.MESSAGE_INJECTION_SIGNALS)),
-                        **{**base, "agent_id": str(ev.get(cv.MESSAGE_FROM) or agent_id)},
-                    )
 
 
 def decision_fields(record: Record, chain: Sequence[str] = ()) -> dict[str, Any]:
@@ -277,6 +221,6 @@ def decision_fields(record: Record, chain: Sequence[str] = ()) -> dict[str, Any]
         "mode": record.mode,
         "tool": str(d.get("tool", "")),
         "command": str(d.get("command", "")),
-        "risk": as_int(d.get("risk", 0)),
+        "risk": _int(d.get("risk", 0)),
         "chain": list(chain) or [a for a in (record.from_agent, record.to_agent) if a],
     }

@@ -73,6 +73,20 @@ class LiveSession:
         elif fact.kind == MESSAGE and fact.injection:
             self.injections += 1 if fact.injection >= LIKELY else 0
 
+    def remove_span(self, fact: SpanFact) -> None:
+        """Take back what :meth:`add_span` counted for ``fact`` (a resolution replaced it).
+
+        Sums come back down; maxima, the agents seen and their spawn times stay, as later
+        spans of the same agents say the same of them.
+        """
+        if fact.kind == TOOL:
+            self.tool_calls = max(0, self.tool_calls - 1)
+            self.risk_log_sum -= risk_log_term(fact.risk)
+        elif fact.kind == AGENT and fact.usd:
+            self.usd[fact.agent_id] = self.usd.get(fact.agent_id, 0.0) - fact.usd
+        elif fact.kind == MESSAGE and fact.injection >= LIKELY:
+            self.injections = max(0, self.injections - 1)
+
     def fanout(self, window_s: float) -> tuple[int, str]:
         """The most children one agent spawned within any ``window_s``, and that agent."""
         best, who = 0, ""

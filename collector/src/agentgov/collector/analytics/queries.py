@@ -111,7 +111,8 @@ class Analytics:
             SELECT AgentId AS id, max(Name) AS name, max(Role) AS role, min(Depth) AS depth,
                    max(Risk) AS risk, sum(ToolCalls) AS tool_calls,
                    round(sum(CostUsd), 6) AS usd, max(ParentId) AS parent_id,
-                   max(Task) AS task, max(Errors) AS error
+                   max(Task) AS task, max(Errors) AS error, max(Via) AS via,
+                   max(Evidence) AS evidence
             FROM {schema.AGENTS}
             WHERE SessionId = {{sid:String}}
             GROUP BY AgentId
@@ -123,13 +124,13 @@ class Analytics:
             raise SessionNotFound(session_id)
         edges = pd.DataFrame(
             [
-                (parent, child, task)
-                for child, parent, task in zip(
-                    nodes["id"], nodes["parent_id"], nodes["task"], strict=True
+                (parent, child, task, via)
+                for child, parent, task, via in zip(
+                    nodes["id"], nodes["parent_id"], nodes["task"], nodes["via"], strict=True
                 )
                 if parent
             ],
-            columns=["source", "target", "task"],
+            columns=["source", "target", "task", "via"],
         )
         return Graph(nodes, edges)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import clickhouse_connect
-from clickhouse_connect.driver.binding import quote_identifier
+from clickhouse_connect.driver.binding import format_query_value, quote_identifier
 from clickhouse_connect.driver.client import Client
 
 from agentgov.collector.risk import RiskRules
@@ -91,18 +91,68 @@ def _ensure_database(config: StoreConfig) -> None:
         client.close()
 
 
-def migrate(client: Client, rules: RiskRules) -> None:
-    """Create every table and view if missing; re-create the scoring view if rules changed.
-
-    Idempotent: safe on every start, and on a store another collector already prepared.
-    """
-    current = client.query(
-        "SELECT comment FROM system.tables WHERE database = currentDatabase() AND name = {n:String}",
-        parameters={"n": f"{schema.SPANS}_mv"},
+def _engine(client: Client, name: str) -> str:
+    rows = client.query(
+        "SELECT engine FROM system.tables WHERE database = currentDatabase() AND name = {n:String}",
+        parameters={"n": name},
     ).result_rows
-    if current and current[0][0] != f"risk rules {rules.digest}":
-        log.info("risk rules changed: re-creating %s_mv", schema.SPANS)
-        client.command(f"DROP VIEW IF EXISTS {schema.SPANS}_mv")
+    return str(rows[0][0]) if rows else ""
+
+
+def _comment(client: Client, name: str) -> str | None:
+    rows = client.query(
+        "SELECT comment FROM system.tables WHERE database = currentDatabase() AND name = {n:String}",
+        parameters={"n": name},
+    ).result_rows
+    return str(rows[0][0]) if rows else None
+
+
+def _add_missing_columns(client: Client, table: str, columns_ddl: str) -> None:
+    """Columns a newer version added to a table an older one made."""
+    for line in columns_ddl.strip().splitlines():
+        line = line.strip().rstrip(",")
+        if line and not line.startswith("--"):
+            client.command(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {line}")
+
+
+def _from_single_tables(client: Client) -> None:
+    """Stores made before foreign traces were resolved kept agentgov's own spans and their
+    aggregates in tables named like today's views: rename them to the native tables."""
+    if _engine(client, schema.SPANS) in ("", "View"):
+        return
+    log.warning("upgrading the store: agentgov_spans, _sessions and _agents become views")
+    for old in (f"{schema.SPANS}_mv", f"{schema.SESSIONS}_mv", f"{schema.AGENTS}_mv"):
+        client.command(f"DROP VIEW IF EXISTS {old}")
+    client.command(f"DROP VIEW IF EXISTS {schema.EDGES}")
+    client.command(
+        f"RENAME TABLE {schema.SPANS} TO {schema.SPANS_NATIVE}, "
+        f"{schema.SESSIONS} TO {schema.SESSIONS_NATIVE}, {schema.AGENTS} TO {schema.AGENTS_NATIVE}"
+    )
+    _add_missing_columns(client, schema.SPANS_NATIVE, schema.SPAN_COLUMNS + ",\nInsertId String")
+    _add_missing_columns(
+        client,
+        schema.AGENTS_NATIVE,
+        "Via SimpleAggregateFunction(max, String),\nEvidence SimpleAggregateFunction(max, String)",
+    )
+
+
+def migrate(client: Client, rules: RiskRules) -> None:
+    """Create every table and view if missing, and bring the views that type spans up to
+    the model and risk rules in force.
+
+    A view of another version is changed in place (``ALTER TABLE ... MODIFY QUERY``), an
+    atomic swap: a writer inserting meanwhile (another collector, or the OpenTelemetry
+    Collector's exporter writing straight into otel_traces) never finds it missing, so no
+    derived row is lost or doubled. Idempotent: safe on every start.
+    """
+    _from_single_tables(client)
+    mv = f"{schema.SPANS_NATIVE}_mv"
+    version = schema.view_version(rules)
+    current = _comment(client, mv)
+    if current is not None and current != version:
+        log.info("the model or the risk rules changed: updating %s in place", mv)
+        client.command(f"ALTER TABLE {mv} MODIFY QUERY {schema.native_spans_select(rules)}")
+        client.command(f"ALTER TABLE {mv} MODIFY COMMENT {format_query_value(version)}")
     for statement in schema.statements(rules):
         client.command(statement)
 

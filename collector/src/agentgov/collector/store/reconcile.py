@@ -74,14 +74,14 @@ def reconcile(client: Client, rules: RiskRules, trace_ids: Sequence[str]) -> lis
     if not ids:
         return []
     p = {"t": ids}
-    spans_cols = _columns(client, schema.SPANS)
+    spans_cols = _columns(client, schema.SPANS_NATIVE)
     missing = (
         "AND TraceId IN {t:Array(String)} AND (TraceId, SpanId) NOT IN "
-        f"(SELECT TraceId, SpanId FROM {schema.SPANS} WHERE TraceId IN {{t:Array(String)}})"
+        f"(SELECT TraceId, SpanId FROM {schema.SPANS_NATIVE} WHERE TraceId IN {{t:Array(String)}})"
     )
     client.command(
-        f"INSERT INTO {schema.SPANS} ({', '.join(spans_cols)}) "
-        f"SELECT {', '.join(spans_cols)} FROM ({schema.agent_spans_select(rules, missing)})",
+        f"INSERT INTO {schema.SPANS_NATIVE} ({', '.join(spans_cols)}) "
+        f"SELECT {', '.join(spans_cols)} FROM ({schema.native_spans_select(rules, missing)})",
         parameters=p,
     )
     client.command(
@@ -92,7 +92,8 @@ def reconcile(client: Client, rules: RiskRules, trace_ids: Sequence[str]) -> lis
     sessions = [
         r[0]
         for r in client.query(
-            f"SELECT DISTINCT SessionId FROM {schema.SPANS} WHERE TraceId IN {{t:Array(String)}}",
+            f"SELECT DISTINCT SessionId FROM {schema.SPANS_NATIVE} "
+            "WHERE TraceId IN {t:Array(String)}",
             parameters=p,
         ).result_rows
     ]
@@ -100,8 +101,8 @@ def reconcile(client: Client, rules: RiskRules, trace_ids: Sequence[str]) -> lis
         where = "WHERE SessionId IN {s:Array(String)}"
         _correction(
             client,
-            schema.SESSIONS,
-            schema.SESSIONS_SELECT.format(where=where),
+            schema.SESSIONS_NATIVE,
+            schema.SESSIONS_SELECT.format(table=schema.SPANS_NATIVE, where=where),
             ["SessionId"],
             _SESSION_SUMS,
             _SESSION_FLOAT_SUMS,
@@ -109,8 +110,10 @@ def reconcile(client: Client, rules: RiskRules, trace_ids: Sequence[str]) -> lis
         )
         _correction(
             client,
-            schema.AGENTS,
-            schema.AGENTS_SELECT.format(where="AND SessionId IN {s:Array(String)}"),
+            schema.AGENTS_NATIVE,
+            schema.AGENTS_SELECT.format(
+                table=schema.SPANS_NATIVE, where="AND SessionId IN {s:Array(String)}"
+            ),
             ["SessionId", "AgentId"],
             _AGENT_SUMS,
             _AGENT_FLOAT_SUMS,

@@ -2,13 +2,19 @@
 
 ``otel_traces`` (and its trace-id lookup) use the DDL of the OpenTelemetry Collector's
 ClickHouse exporter, so that exporter can write to the same table and Grafana's
-ClickHouse plugin reads it as traces. Everything agentgov adds hangs off it by
-materialized views, so spans analysed are the same whichever route they arrived by:
+ClickHouse plugin reads it as traces. Everything agentgov adds hangs off it, so spans
+analysed are the same whichever route they arrived by:
 
-    agentgov_otlp_ingest (Null) --mv--> otel_traces --mv--> agentgov_spans --mv--> agentgov_sessions
-    (raw OTLP protobuf,                 (exporter DDL)      (typed, by session)  +-mv--> agentgov_agents
-     decoded by ClickHouse)                                                         (view: agentgov_edges)
-                                        +--mv--> otel_traces_trace_id_ts
+    agentgov_otlp_ingest (Null) --mv--> otel_traces --mv--> agentgov_spans_native --mv--> *_sessions_native
+    (raw OTLP protobuf,                 (exporter DDL)   (agentgov's own spans)     +-mv--> *_agents_native
+     decoded by ClickHouse)                  |
+                                             +--mv--> agentgov_trace_queue --> resolver (normalize/)
+                                             |        (other conventions)        --> agentgov_spans_resolved,
+                                             |                                       *_sessions_resolved,
+                                             +--mv--> otel_traces_trace_id_ts         *_agents_resolved
+
+Readers query the views agentgov_spans, agentgov_sessions, agentgov_agents and
+agentgov_edges, which read native and resolved rows alike.
 """
 
 from __future__ import annotations
@@ -22,10 +28,19 @@ from agentgov.collector.risk import RiskRules, sql_normalize
 
 TRACES = "otel_traces"
 INGEST = "agentgov_otlp_ingest"
+#: views readers query: agentgov's own spans and the resolved foreign ones alike
 SPANS = "agentgov_spans"
 SESSIONS = "agentgov_sessions"
-EDGES = "agentgov_edges"
 AGENTS = "agentgov_agents"
+EDGES = "agentgov_edges"
+#: the tables behind them
+SPANS_NATIVE = "agentgov_spans_native"
+SPANS_RESOLVED = "agentgov_spans_resolved"
+SESSIONS_NATIVE = "agentgov_sessions_native"
+SESSIONS_RESOLVED = "agentgov_sessions_resolved"
+AGENTS_NATIVE = "agentgov_agents_native"
+AGENTS_RESOLVED = "agentgov_agents_resolved"
+TRACE_QUEUE = "agentgov_trace_queue"
 RECEIPTS = "agentgov_otlp_receipts"
 
 
@@ -237,9 +252,17 @@ INGEST_SETTINGS = {
 }
 
 # -- governance tables ---------------------------------------------------------------------
+#
+# agentgov's own spans (they carry agentgov.session.id and say everything about themselves)
+# are typed at insert time by a materialized view into agentgov_spans_native, which feeds
+# the session and agent aggregates. Spans of other conventions need their whole trace to
+# be understood: their traces are queued (agentgov_trace_queue) and the resolver
+# (normalize/service.py) writes what it resolved into the *_resolved tables, as versioned
+# rows a later resolution replaces. The views agentgov_spans, agentgov_sessions and
+# agentgov_agents read both, so every reader sees one model.
 
-AGENT_SPANS = f"""
-CREATE TABLE IF NOT EXISTS {SPANS} (
+#: the columns of a typed span row, native and resolved alike
+SPAN_COLUMNS = """
     SessionId String CODEC(ZSTD(1)),
     Timestamp DateTime64(9) CODEC(Delta(8), ZSTD(1)),
     TraceId String CODEC(ZSTD(1)),
@@ -268,83 +291,178 @@ CREATE TABLE IF NOT EXISTS {SPANS} (
     Messages UInt32,
     Duration UInt64 CODEC(T64, ZSTD(1)),
     StatusCode LowCardinality(String),
-    StatusMessage String CODEC(ZSTD(1))
+    StatusMessage String CODEC(ZSTD(1)),
+    LineageTokenId String CODEC(ZSTD(1)),
+    LineageProof String CODEC(ZSTD(1)),
+    MessageFacts Array(Tuple(Int64, String, String, UInt8, Array(String))) CODEC(ZSTD(1)),
+    Delegation UInt8,
+    EdgeVia LowCardinality(String),
+    EdgeEvidence String CODEC(ZSTD(1))
+"""
+
+#: the view-visible columns of a typed span row, in table order
+SPAN_COLUMN_NAMES = [line.split()[0] for line in SPAN_COLUMNS.strip().splitlines()]
+
+SPANS_NATIVE_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {SPANS_NATIVE} ({SPAN_COLUMNS},
+    -- the batch that wrote the row (the writer's insert token): alert facts are read back
+    -- by it, right after the batch is durable
+    InsertId String CODEC(ZSTD(1)),
+    INDEX idx_trace TraceId TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_insert InsertId TYPE bloom_filter(0.01) GRANULARITY 1
 ) ENGINE = MergeTree()
 PARTITION BY toYYYYMM(Timestamp)
 ORDER BY (SessionId, Timestamp, SpanId)
 """
 
+SPANS_RESOLVED_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {SPANS_RESOLVED} ({SPAN_COLUMNS},
+    -- a resolution writes every row of its trace group anew; the latest version wins, and
+    -- a row a newer resolution no longer has is written once more as Deleted
+    Version UInt64,
+    Deleted UInt8,
+    INDEX idx_trace TraceId TYPE bloom_filter(0.01) GRANULARITY 1
+) ENGINE = ReplacingMergeTree(Version, Deleted)
+PARTITION BY toYYYYMM(Timestamp)
+ORDER BY (SessionId, Timestamp, SpanId)
+"""
 
-def agent_spans_mv(rules: RiskRules) -> str:
-    """DDL of the view that types agent spans (see :func:`agent_spans_select`)."""
-    return (
-        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {SPANS}_mv TO {SPANS} AS\n"
-        f"{agent_spans_select(rules)}\n"
-        f"COMMENT {format_query_value('risk rules ' + rules.digest)}"
-    )
-
-
-def agent_spans_select(rules: RiskRules, where: str = "") -> str:
-    """The view that types agent spans and scores their commands with ``rules``.
-
-    Foreign conventions map onto the same columns: OpenInference and OpenLLMetry span
-    kinds and session ids, GenAI conversation ids. An emitter's own risk score is a
-    floor, never a ceiling: an agent cannot talk its command's risk down.
-    """
-    a = "SpanAttributes"
-    json_arr = "JSONExtract({}, 'Array(String)')"
-    return f"""
-WITH
-    coalesce(nullIf({a}['agentgov.session.id'], ''), nullIf({a}['session.id'], ''),
-             nullIf({a}['gen_ai.conversation.id'], ''),
-             nullIf({a}['traceloop.association.properties.session_id'], ''), '') AS sid,
-    multiIf({a}['gen_ai.operation.name'] != '', {a}['gen_ai.operation.name'],
-            upper({a}['openinference.span.kind']) = 'AGENT', 'invoke_agent',
-            upper({a}['openinference.span.kind']) = 'TOOL', 'execute_tool',
-            {a}['traceloop.span.kind'] = 'agent', 'invoke_agent',
-            {a}['traceloop.span.kind'] = 'tool', 'execute_tool', '') AS op,
-    if({a}['gen_ai.agent.id'] != '', {a}['gen_ai.agent.id'], {a}['gen_ai.agent.name']) AS aid,
-    {json_arr.format(f"{a}['agentgov.delegation.chain']")} AS chain0,
-    if(empty(chain0) AND aid != '', [aid], chain0) AS chain,
-    {a}['agentgov.command'] AS cmd,
-    {json_arr.format(f"{a}['agentgov.resources']")} AS res,
-    op = 'execute_tool' OR cmd != '' AS scored,
-    -- each rule's patterns run once per span; score and rule names both read these hits
-    if(scored, {rules.sql_hits(sql_normalize("cmd"), f"arrayMap(x -> {sql_normalize('x')}, res)")}, []) AS hits
-SELECT
-    sid AS SessionId,
-    Timestamp, TraceId, SpanId, ParentSpanId, ServiceName, SpanName,
-    op AS Operation,
-    aid AS AgentId,
-    {a}['gen_ai.agent.name'] AS AgentName,
-    {a}['agentgov.agent.parent_id'] AS ParentAgentId,
-    chain AS Chain,
-    if({a}['agentgov.delegation.depth'] != '', toUInt16OrZero({a}['agentgov.delegation.depth']),
-       toUInt16(greatest(length(chain), 1) - 1)) AS Depth,
-    {a}['agentgov.intent'] AS Intent,
-    {a}['agentgov.task'] AS Task,
-    {a}['agentgov.agent.role'] AS Role,
-    {json_arr.format(f"{a}['agentgov.permissions']")} AS Permissions,
-    {a}['gen_ai.tool.name'] AS ToolName,
-    cmd AS Command,
-    res AS Resources,
-    if(scored,
-       greatest(toUInt8(least(100, toUInt32OrZero({a}['agentgov.risk.score']))), {rules.sql_score("hits")}),
-       toUInt8(0)) AS RiskScore,
-    if(scored, {rules.sql_rule_names("hits")}, []) AS RiskRules,
-    toFloat64OrZero({a}['agentgov.cost.usd']) AS CostUsd,
-    toUInt64OrZero({a}['gen_ai.usage.input_tokens']) AS InputTokens,
-    toUInt64OrZero({a}['gen_ai.usage.output_tokens']) AS OutputTokens,
-    toUInt32(countEqual(`Events.Name`, 'agentgov.message')) AS Messages,
-    Duration, StatusCode, StatusMessage
-FROM {TRACES}
-WHERE sid != '' {where}
+SPANS_VIEW = f"""
+CREATE VIEW IF NOT EXISTS {SPANS} AS
+SELECT {", ".join(SPAN_COLUMN_NAMES)} FROM {SPANS_NATIVE}
+UNION ALL
+SELECT {", ".join(SPAN_COLUMN_NAMES)} FROM {SPANS_RESOLVED} FINAL
 """
 
 
-SESSIONS_TABLE = f"""
-CREATE TABLE IF NOT EXISTS {SESSIONS} (
-    SessionId String,
+#: the local facts the typed row of one of agentgov's own spans is made of
+_NATIVE_FACTS = (
+    "f_type",
+    "f_session",
+    "f_agent_name",
+    "f_agent_id",
+    "f_owner_id",
+    "f_owner_name",
+    "f_parent_agent",
+    "f_chain",
+    "f_depth",
+    "f_intent",
+    "f_task",
+    "f_role",
+    "f_permissions",
+    "f_command_attr",
+    "f_resources_attr",
+    "f_risk_floor",
+    "f_cost_usd",
+    "f_input_tokens",
+    "f_output_tokens",
+    "f_token_id",
+    "f_proof",
+    "f_messages",
+    "f_op_attr",
+    "f_tool_attr",
+)
+
+
+def native_spans_select(rules: RiskRules, where: str = "") -> str:
+    """The typed row of each of agentgov's own spans, from the model's local facts (see
+    normalize/sql.py), with its command scored by ``rules``. An emitter's own risk score is
+    a floor, never a ceiling: an agent cannot talk its command's risk down."""
+    from agentgov.collector.normalize.sql import agentgov_facts_with, sql_strings
+
+    return f"""
+{agentgov_facts_with(_NATIVE_FACTS)},
+    -- agentgov's own spans state their command and resources; arguments are for others
+    f_command_attr AS f_command,
+    {sql_strings("f_resources_attr")} AS f_resources,
+    if(f_type IN ('agent', 'agent_def'), f_agent_id, f_owner_id) AS aid,
+    if(empty(f_chain) AND aid != '', [aid], f_chain) AS chain,
+    multiIf(f_op_attr != '', f_op_attr, f_type = 'agent', 'invoke_agent',
+            f_type IN ('tool', 'handoff'), 'execute_tool', '') AS op,
+    op = 'execute_tool' OR f_command != '' AS scored,
+    -- each rule's patterns run once per span; score and rule names both read these hits
+    if(scored, {
+        rules.sql_hits(
+            sql_normalize("f_command"), f"arrayMap(x -> {sql_normalize('x')}, f_resources)"
+        )
+    }, []) AS hits
+SELECT
+    f_session AS SessionId,
+    Timestamp, TraceId, SpanId, ParentSpanId, ServiceName, SpanName,
+    op AS Operation,
+    aid AS AgentId,
+    if(f_type IN ('agent', 'agent_def'), f_agent_name, f_owner_name) AS AgentName,
+    f_parent_agent AS ParentAgentId,
+    chain AS Chain,
+    if(f_depth >= 0, toUInt16(least(f_depth, 65535)), toUInt16(greatest(length(chain), 1) - 1))
+        AS Depth,
+    f_intent AS Intent,
+    f_task AS Task,
+    f_role AS Role,
+    f_permissions AS Permissions,
+    f_tool_attr AS ToolName,
+    f_command AS Command,
+    f_resources AS Resources,
+    if(scored, greatest(f_risk_floor, {rules.sql_score("hits")}), toUInt8(0)) AS RiskScore,
+    if(scored, {rules.sql_rule_names("hits")}, []) AS RiskRules,
+    f_cost_usd AS CostUsd,
+    toUInt64(greatest(f_input_tokens, 0)) AS InputTokens,
+    toUInt64(greatest(f_output_tokens, 0)) AS OutputTokens,
+    toUInt32(length(f_messages)) AS Messages,
+    Duration, StatusCode, StatusMessage,
+    f_token_id AS LineageTokenId,
+    f_proof AS LineageProof,
+    f_messages AS MessageFacts,
+    toUInt8(0) AS Delegation,
+    if(f_parent_agent != '', 'explicit', '') AS EdgeVia,
+    '' AS EdgeEvidence,
+    getSetting('insert_deduplication_token') AS InsertId
+FROM {TRACES}
+WHERE SpanAttributes['agentgov.session.id'] != '' {where}
+"""
+
+
+def native_spans_mv(rules: RiskRules) -> str:
+    return (
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {SPANS_NATIVE}_mv TO {SPANS_NATIVE} AS\n"
+        f"{native_spans_select(rules)}\n"
+        f"COMMENT {format_query_value(view_version(rules))}"
+    )
+
+
+def view_version(rules: RiskRules) -> str:
+    """What the views that type spans are derived from: the model and the risk rules. A
+    view of another version is brought up to date in place (ALTER ... MODIFY QUERY), so
+    no insert by any writer ever finds it missing."""
+    from agentgov.collector.normalize.model import MODEL
+
+    return f"model {MODEL.digest} risk rules {rules.digest}"
+
+
+#: foreign traces, per batch, for the resolver: each insert adds one row per trace with
+#: spans that are not agentgov's own, and the traces they link to
+TRACE_QUEUE_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {TRACE_QUEUE} (
+    InsertId String,
+    TraceId String,
+    Linked Array(String),
+    At DateTime64(3) DEFAULT now64(3)
+) ENGINE = MergeTree()
+ORDER BY (InsertId, TraceId)
+TTL toDateTime(At) + INTERVAL 1 DAY
+"""
+
+TRACE_QUEUE_MV = f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS {TRACE_QUEUE}_mv TO {TRACE_QUEUE} AS
+SELECT getSetting('insert_deduplication_token') AS InsertId, TraceId,
+       arrayFilter(t -> t != TraceId, groupUniqArrayArray(`Links.TraceId`)) AS Linked,
+       now64(3) AS At
+FROM {TRACES}
+WHERE SpanAttributes['agentgov.session.id'] = ''
+GROUP BY TraceId
+"""
+
+_SESSION_AGGREGATES = """
     FirstSeen SimpleAggregateFunction(min, DateTime64(9)),
     LastSeen SimpleAggregateFunction(max, DateTime64(9)),
     -- every span of a session carries the same intent; max() keeps it over foreign spans' ''
@@ -363,11 +481,30 @@ CREATE TABLE IF NOT EXISTS {SESSIONS} (
     RiskLogSum SimpleAggregateFunction(sum, Float64),
     Errors SimpleAggregateFunction(sum, UInt64),
     RootEnded SimpleAggregateFunction(max, UInt8)
+"""
+SESSION_COLUMN_NAMES = ["SessionId"] + [
+    line.split()[0]
+    for line in _SESSION_AGGREGATES.strip().splitlines()
+    if not line.startswith("--") and line.strip() and not line.strip().startswith("--")
+]
+
+SESSIONS_NATIVE_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {SESSIONS_NATIVE} (
+    SessionId String,{_SESSION_AGGREGATES}
 ) ENGINE = AggregatingMergeTree()
 ORDER BY SessionId
 """
 
-SESSIONS_SELECT = f"""
+SESSIONS_RESOLVED_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {SESSIONS_RESOLVED} (
+    SessionId String,{_SESSION_AGGREGATES},
+    Version UInt64,
+    Deleted UInt8
+) ENGINE = ReplacingMergeTree(Version, Deleted)
+ORDER BY SessionId
+"""
+
+SESSIONS_SELECT = """
 SELECT
     SessionId,
     min(Timestamp) AS FirstSeen,
@@ -386,20 +523,24 @@ SELECT
     sum(log1p(-least(RiskScore, 99.5) / 100)) AS RiskLogSum,
     countIf(StatusCode = 'Error') AS Errors,
     toUInt8(max(Operation = 'invoke_agent' AND Depth = 0 AND ParentAgentId = '')) AS RootEnded
-FROM {SPANS}
-{{where}}
+FROM {table}
+{where}
 GROUP BY SessionId
 """
 
 SESSIONS_MV = (
-    f"CREATE MATERIALIZED VIEW IF NOT EXISTS {SESSIONS}_mv TO {SESSIONS} AS\n"
-    + SESSIONS_SELECT.format(where="")
+    f"CREATE MATERIALIZED VIEW IF NOT EXISTS {SESSIONS_NATIVE}_mv TO {SESSIONS_NATIVE} AS\n"
+    + SESSIONS_SELECT.format(table=SPANS_NATIVE, where="")
 )
 
-AGENTS_TABLE = f"""
-CREATE TABLE IF NOT EXISTS {AGENTS} (
-    SessionId String,
-    AgentId String,
+SESSIONS_VIEW = f"""
+CREATE VIEW IF NOT EXISTS {SESSIONS} AS
+SELECT {", ".join(SESSION_COLUMN_NAMES)} FROM {SESSIONS_NATIVE}
+UNION ALL
+SELECT {", ".join(SESSION_COLUMN_NAMES)} FROM {SESSIONS_RESOLVED} FINAL
+"""
+
+_AGENT_AGGREGATES = """
     -- every span of an agent names it alike; max() keeps values over foreign spans' ''
     Name SimpleAggregateFunction(max, String),
     Role SimpleAggregateFunction(max, String),
@@ -411,12 +552,36 @@ CREATE TABLE IF NOT EXISTS {AGENTS} (
     CostUsd SimpleAggregateFunction(sum, Float64),
     Errors SimpleAggregateFunction(max, UInt8),
     FirstSeen SimpleAggregateFunction(min, DateTime64(9)),
-    LastSeen SimpleAggregateFunction(max, DateTime64(9))
+    LastSeen SimpleAggregateFunction(max, DateTime64(9)),
+    -- how its delegation was derived (explicit for agentgov's own; see normalize/model.py)
+    Via SimpleAggregateFunction(max, String),
+    Evidence SimpleAggregateFunction(max, String)
+"""
+AGENT_COLUMN_NAMES = ["SessionId", "AgentId"] + [
+    line.split()[0]
+    for line in _AGENT_AGGREGATES.strip().splitlines()
+    if line.strip() and not line.strip().startswith("--")
+]
+
+AGENTS_NATIVE_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {AGENTS_NATIVE} (
+    SessionId String,
+    AgentId String,{_AGENT_AGGREGATES}
 ) ENGINE = AggregatingMergeTree()
 ORDER BY (SessionId, AgentId)
 """
 
-AGENTS_SELECT = f"""
+AGENTS_RESOLVED_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {AGENTS_RESOLVED} (
+    SessionId String,
+    AgentId String,{_AGENT_AGGREGATES},
+    Version UInt64,
+    Deleted UInt8
+) ENGINE = ReplacingMergeTree(Version, Deleted)
+ORDER BY (SessionId, AgentId)
+"""
+
+AGENTS_SELECT = """
 SELECT
     SessionId, AgentId,
     max(toString(AgentName)) AS Name,
@@ -429,24 +594,32 @@ SELECT
     sum(CostUsd) AS CostUsd,
     toUInt8(max(StatusCode = 'Error')) AS Errors,
     min(Timestamp) AS FirstSeen,
-    max(Timestamp + toIntervalNanosecond(Duration)) AS LastSeen
-FROM {SPANS}
-WHERE AgentId != '' {{where}}
+    max(Timestamp + toIntervalNanosecond(Duration)) AS LastSeen,
+    max(toString(EdgeVia)) AS Via,
+    max(EdgeEvidence) AS Evidence
+FROM {table}
+WHERE AgentId != '' {where}
 GROUP BY SessionId, AgentId
 """
 
 AGENTS_MV = (
-    f"CREATE MATERIALIZED VIEW IF NOT EXISTS {AGENTS}_mv TO {AGENTS} AS\n"
-    + AGENTS_SELECT.format(where="")
+    f"CREATE MATERIALIZED VIEW IF NOT EXISTS {AGENTS_NATIVE}_mv TO {AGENTS_NATIVE} AS\n"
+    + AGENTS_SELECT.format(table=SPANS_NATIVE, where="")
 )
 
-# Delegation edges are the agents that have a parent: a plain view over agentgov_agents
-# rather than a table of their own, since each table a view writes costs every insert a
-# part write.
+AGENTS_VIEW = f"""
+CREATE VIEW IF NOT EXISTS {AGENTS} AS
+SELECT {", ".join(AGENT_COLUMN_NAMES)} FROM {AGENTS_NATIVE}
+UNION ALL
+SELECT {", ".join(AGENT_COLUMN_NAMES)} FROM {AGENTS_RESOLVED} FINAL
+"""
+
+# Delegation edges are the agents that have a parent: a plain view over the agents
 EDGES_VIEW = f"""
 CREATE VIEW IF NOT EXISTS {EDGES} AS
 SELECT SessionId, max(ParentId) AS ParentAgentId, AgentId, max(Name) AS AgentName,
-       max(Role) AS Role, max(Task) AS Task, min(Depth) AS Depth, min(FirstSeen) AS Timestamp
+       max(Role) AS Role, max(Task) AS Task, min(Depth) AS Depth, min(FirstSeen) AS Timestamp,
+       max(Via) AS Via
 FROM {AGENTS}
 GROUP BY SessionId, AgentId
 HAVING ParentAgentId != ''
@@ -472,13 +645,21 @@ def statements(rules: RiskRules) -> list[str]:
         OTEL_TRACES,
         TRACE_ID_TS,
         TRACE_ID_TS_MV,
-        AGENT_SPANS,
-        SESSIONS_TABLE,
-        AGENTS_TABLE,
+        SPANS_NATIVE_TABLE,
+        SPANS_RESOLVED_TABLE,
+        SESSIONS_NATIVE_TABLE,
+        SESSIONS_RESOLVED_TABLE,
+        AGENTS_NATIVE_TABLE,
+        AGENTS_RESOLVED_TABLE,
         SESSIONS_MV,
         AGENTS_MV,
+        SPANS_VIEW,
+        SESSIONS_VIEW,
+        AGENTS_VIEW,
         EDGES_VIEW,
-        agent_spans_mv(rules),
+        native_spans_mv(rules),
+        TRACE_QUEUE_TABLE,
+        TRACE_QUEUE_MV,
         INGEST_TABLE,
         INGEST_MV,
         RECEIPTS_TABLE,

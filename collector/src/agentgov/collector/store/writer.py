@@ -20,6 +20,7 @@ import hashlib
 import logging
 import queue
 import re
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -118,6 +119,8 @@ class _Item:
     received: float = 0.0
     future: Future[int] = field(default_factory=Future)
     size: int = 0
+    #: the insert token of the batch that stored it (rows derived from it carry it)
+    insert_id: str = ""
 
     def __post_init__(self) -> None:
         self.size = len(self.payload)
@@ -153,10 +156,12 @@ class SpanWriter:
         max_queue_bytes: int = 512 << 20,
         remembered_requests: int = 500_000,
         receipt_window_s: int = 6 * 3600,
-        on_stored: Callable[[bytes, float], None] | None = None,
+        on_stored: Callable[[str, float], None] | None = None,
     ) -> None:
-        """``on_stored(payload, received_at)`` runs once per stored request (never for a
-        duplicate), after its sender was answered; it must not block."""
+        """``on_stored(insert_id, received_at)`` runs once per stored batch (never for a
+        duplicate), after its senders were answered, with the batch's insert token (the
+        ``InsertId`` of every row derived from it) and when its first request arrived; it
+        must not block."""
         self._config = config
         self._on_stored = on_stored
         self._rules = rules or RiskRules.default()
@@ -373,10 +378,14 @@ class SpanWriter:
         pending = [[i.digest, PENDING, list(i.trace_ids)] for i in batch]
         client.insert(schema.RECEIPTS, pending, column_names=["Digest", "State", "TraceIds"])
         block = b"".join(_varint(len(i.payload)) + i.payload for i in batch if i.payload)
+        insert_id = secrets.token_hex(12)
         if block:
-            client.raw_insert(
-                schema.INGEST, insert_block=block, fmt="Protobuf", settings=self._settings
-            )
+            # the views stamp every row they derive with this token (InsertId), so the
+            # batch's rows can be read back at once, and only them
+            settings = {**self._settings, "insert_deduplication_token": insert_id}
+            client.raw_insert(schema.INGEST, insert_block=block, fmt="Protobuf", settings=settings)
+        for i in batch:
+            i.insert_id = insert_id
         client.insert(
             schema.RECEIPTS,
             [[i.digest, COMMITTED, []] for i in batch],
@@ -405,9 +414,11 @@ class SpanWriter:
             else:
                 item.future.set_exception(exc)
         if exc is None and self._on_stored is not None:
-            for item in batch:
+            stored = [i for i in batch if i.payload and i.insert_id]
+            for insert_id in dict.fromkeys(i.insert_id for i in stored):
                 try:
-                    self._on_stored(item.payload, item.received)
+                    received = min(i.received for i in stored if i.insert_id == insert_id)
+                    self._on_stored(insert_id, received)
                 except Exception:
                     log.exception("a stored-spans observer failed")
 
