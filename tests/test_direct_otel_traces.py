@@ -18,8 +18,8 @@ import pytest
 
 from agentgov.collector.analytics.queries import Analytics
 from agentgov.collector.normalize.service import TraceResolver
-from agentgov.collector.store.connection import StoreConfig
 from agentgov.collector.risk import RiskRules, combine_session_risk
+from agentgov.collector.store.connection import StoreConfig
 
 COLUMNS = [
     "Timestamp",

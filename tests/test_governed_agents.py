@@ -435,6 +435,15 @@ def test_one_kill_stops_agents_in_three_processes(governed: Governed, procs: Pro
     assert summary["status"] == "killed"
     assert summary["governor"]["killed_by"] == "admin-1"
     assert summary["governor"]["kill_reason"] == "credentials leaked"
+    # every process running an agent says that it stopped, as soon as the kill event
+    # reaches it (its listener posts it, so it may land a moment after the agents raised)
+    expected_acks = {f"shard{i}-{tag}" for i in range(3)} | {f"coord-{tag}"}
+    wait_for(
+        lambda: (
+            {d["from_agent"] for d in api.decisions(sid) if d["phase"] == "stopped"}
+            == expected_acks
+        )
+    )
     records = api.decisions(sid)
     kills = [(d["actor"], d["reason"], d["detail"]) for d in records if d["phase"] == "kill"]
     assert kills == [

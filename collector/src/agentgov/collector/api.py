@@ -200,11 +200,8 @@ class QueryApi:
         agent it names ran it (see governor/tokens.py)."""
         rows = records(self.analytics.audit(sid))
         tokens = self.governor.tokens if self.governor is not None else None
-        lineage = self.analytics.span_lineage(
-            [r["trace_id"] for r in rows], [r["span_id"] for r in rows]
-        )
         for r in rows:
-            token_id, proof = lineage.get((r["trace_id"], r["span_id"]), ("", ""))
+            token_id, proof = r.pop("token_id"), r.pop("proof")
             r["verified"] = tokens is not None and tokens.proves(
                 token_id, sid, str(r["agent_id"]), r["trace_id"], r["span_id"], proof
             )

@@ -143,7 +143,8 @@ class Analytics:
                    ParentAgentId AS parent_id, Chain AS chain, Depth AS depth, Intent AS intent,
                    ToolName AS tool, Command AS command, Resources AS resources,
                    RiskScore AS risk, RiskRules AS risk_rules, StatusCode AS status,
-                   TraceId AS trace_id, SpanId AS span_id
+                   toBool(Delegation) AS delegation, TraceId AS trace_id, SpanId AS span_id,
+                   LineageTokenId AS token_id, LineageProof AS proof
             FROM {schema.SPANS}
             WHERE SessionId = {{sid:String}} AND Operation = 'execute_tool'
             ORDER BY Timestamp, SpanId
@@ -153,21 +154,6 @@ class Analytics:
         if df.empty:
             self.session(session_id)  # 404 if the session does not exist at all
         return df
-
-    def span_lineage(
-        self, trace_ids: list[str], span_ids: list[str]
-    ) -> dict[tuple[str, str], tuple[str, str]]:
-        """(trace id, span id) -> (lineage token id, proof) of the given spans."""
-        if not span_ids:
-            return {}
-        with self._lock:
-            rows = self._client.query(
-                f"SELECT TraceId, SpanId, SpanAttributes['agentgov.lineage.token_id'], "
-                f"SpanAttributes['agentgov.lineage.proof'] FROM {schema.TRACES} "
-                "WHERE TraceId IN {t:Array(String)} AND SpanId IN {s:Array(String)}",
-                parameters={"t": sorted(set(trace_ids)), "s": sorted(set(span_ids))},
-            ).result_rows
-        return {(t, sp): (tok, proof) for t, sp, tok, proof in rows}
 
     def decisions(self, session_id: str) -> pd.DataFrame:
         """The governor's audit records of a session, in order."""

@@ -27,6 +27,8 @@ from typing import Protocol
 
 from clickhouse_connect.driver.binding import format_query_value
 
+from agentgov.instrumentation import conventions as cv
+
 ATTRS = "SpanAttributes"
 
 
@@ -518,31 +520,8 @@ DELEGATION_TOOLS: list[dict[str, str]] = [
 #: the wrapper smolagents puts around a tool's keyword arguments
 SMOLAGENTS_ARG_KEYS = frozenset({"args", "kwargs", "sanitize_inputs_outputs"})
 #: tool arguments that hold the command text, and the resources a call touches
-ARG_COMMAND_KEYS = (
-    "command",
-    "cmd",
-    "shell_command",
-    "script",
-    "code",
-    "sql",
-    "query",
-    "statement",
-)
-ARG_RESOURCE_KEYS = (
-    "path",
-    "paths",
-    "file",
-    "files",
-    "filename",
-    "url",
-    "urls",
-    "host",
-    "hosts",
-    "table",
-    "tables",
-    "directory",
-    "dir",
-)
+ARG_COMMAND_KEYS = cv.TOOL_COMMAND_ARGUMENTS
+ARG_RESOURCE_KEYS = cv.TOOL_RESOURCE_ARGUMENTS
 
 #: instrumentation scopes whose graph.node.parent_id may confirm an edge, never add one:
 #: openinference-instrumentation-crewai's event listener sets it to the previous agent of
