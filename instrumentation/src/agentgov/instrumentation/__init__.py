@@ -1,6 +1,8 @@
 """agentgov instrumentation: governed agent spans with lineage, for agent processes.
 
-Light by design: it needs only the OpenTelemetry API, SDK and OTLP exporter.
+Light by design: importing it loads the OpenTelemetry API only (the SDK and the OTLP
+exporter when :func:`configure` is called, a framework only when its instrumentor in
+:mod:`agentgov.instrumentation.frameworks` is used).
 
 >>> from agentgov.instrumentation import Governance
 >>> gov = Governance()
@@ -14,6 +16,8 @@ Light by design: it needs only the OpenTelemetry API, SDK and OTLP exporter.
 from agentgov.instrumentation import conventions
 from agentgov.instrumentation.context import bind
 from agentgov.instrumentation.governor import (
+    AsyncGovernorClient,
+    AwaitingApproval,
     Decision,
     GovernorClient,
     GovernorUnavailable,
@@ -34,6 +38,8 @@ from agentgov.instrumentation.spans import (
 
 __all__ = [
     "AgentSpan",
+    "AsyncGovernorClient",
+    "AwaitingApproval",
     "Decision",
     "GovernorClient",
     "GovernorUnavailable",

@@ -14,9 +14,14 @@ AGENT_NAME: Final = "gen_ai.agent.name"
 TOOL_NAME: Final = "gen_ai.tool.name"
 USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
 USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
+#: the session, on every agentgov span (GenAI's name for a conversation or thread)
+CONVERSATION_ID: Final = "gen_ai.conversation.id"
+WORKFLOW_NAME: Final = "gen_ai.workflow.name"
 
 OP_INVOKE_AGENT: Final = "invoke_agent"
 OP_EXECUTE_TOOL: Final = "execute_tool"
+#: the root of a framework run: the whole workflow a human instruction started
+OP_INVOKE_WORKFLOW: Final = "invoke_workflow"
 
 # agentgov governance namespace
 SESSION_ID: Final = "agentgov.session.id"
@@ -60,3 +65,32 @@ BAGGAGE_ROLE: Final = AGENT_ROLE
 #: ``baggage`` (never baggage, which instrumented clients forward to any service)
 CARRIER_TOKEN: Final = "agentgov-lineage-token"
 ENV_TOKEN: Final = "AGENTGOV_LINEAGE_TOKEN"
+
+# Tool arguments that hold a call's command text, and those that name what it touches: the
+# SDK's framework instrumentors read a tool call's arguments by these, and so does the
+# collector when it reads arguments other instrumentations recorded.
+TOOL_COMMAND_ARGUMENTS: Final = (
+    "command",
+    "cmd",
+    "shell_command",
+    "script",
+    "code",
+    "sql",
+    "query",
+    "statement",
+)
+TOOL_RESOURCE_ARGUMENTS: Final = (
+    "path",
+    "paths",
+    "file",
+    "files",
+    "filename",
+    "url",
+    "urls",
+    "host",
+    "hosts",
+    "table",
+    "tables",
+    "directory",
+    "dir",
+)

@@ -1,13 +1,19 @@
-"""One-call set-up of an OpenTelemetry tracer provider that exports to the collector."""
+"""One-call set-up of an OpenTelemetry tracer provider that exports to the collector.
+
+The OpenTelemetry SDK is imported when :func:`configure` is called, never at import time:
+agents that are configured by ``opentelemetry-instrument`` (or bring their own provider)
+load only the OpenTelemetry API.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 
 def configure(
@@ -29,6 +35,9 @@ def configure(
     agents already hold for the governor).
     """
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     attrs = {}
     if service_name or not os.environ.get("OTEL_SERVICE_NAME"):

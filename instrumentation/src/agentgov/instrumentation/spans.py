@@ -4,10 +4,17 @@
 :class:`SessionScope` (the root session and the human instruction), :class:`AgentSpan`
 (``invoke_agent``) and :class:`ToolSpan` (``execute_tool``). Every span carries the
 session id, the delegation chain and the intent, so any span alone answers "who asked".
+
+Each governed step has an awaitable twin for asyncio code (:meth:`SessionScope.aagent`,
+:meth:`Governance.aagent`, :meth:`AgentSpan.adelegate`, ``async with agent.atool(...)``,
+:meth:`AgentSpan.ausage`, ``async with agent``): the same step, with the decision awaited
+on an :class:`~agentgov.instrumentation.governor.AsyncGovernorClient` (or, with a blocking
+client, in a worker thread) so the event loop is never held.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
@@ -18,7 +25,12 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
 
 from agentgov.instrumentation import conventions as cv
-from agentgov.instrumentation.governor import Decision, GovernorClient, Stopped
+from agentgov.instrumentation.governor import (
+    AsyncGovernorClient,
+    Decision,
+    GovernorClient,
+    Stopped,
+)
 from agentgov.instrumentation.injection import score_message
 from agentgov.instrumentation.lineage import (
     Lineage,
@@ -48,6 +60,26 @@ def _check_permissions(permissions: Sequence[str] | None) -> tuple[str, ...] | N
     """Permissions in normal form; a malformed one (empty, commas, ``..``) raises
     :class:`~agentgov.instrumentation.permissions.InvalidPermission`."""
     return None if permissions is None else normalize_all(list(permissions))
+
+
+async def _adecide(governor: GovernorClient, step: str, **request: Any) -> Decision:
+    """Ask the governor without holding the event loop: awaited on an async client, in a
+    worker thread (the context goes along) on a blocking one."""
+    if isinstance(governor, AsyncGovernorClient):
+        if step == "handoff":
+            return await governor.ahandoff(**request)
+        if step == "tool":
+            return await governor.atool(**request)
+        return await governor.ausage(**request)
+    blocking: Callable[..., Decision] = getattr(governor, step)
+    return await asyncio.to_thread(blocking, **request)
+
+
+async def _awatch(governor: GovernorClient, session_id: str) -> None:
+    if isinstance(governor, AsyncGovernorClient):
+        await governor.awatch(session_id)
+    else:
+        await asyncio.to_thread(governor.watch, session_id)
 
 
 def _prove(span: Span, prover: SpanProver | None) -> None:
@@ -101,25 +133,42 @@ class SessionScope(_Scope):
     def agent(self, name: str, **kwargs: Any) -> AgentSpan:
         """Open the root agent of this session (depth 0); with a governor, its start is
         decided like a delegation from the human who opened the session."""
-        estimated_usd = float(kwargs.pop("estimated_usd", 0.0))
-        root = self._gov._agent(name, parent=self.lineage, parent_ctx=None, **kwargs)
+        root, request = self._root(name, kwargs)
         governor = self._gov.governor
         if governor is not None:
             governor.remember(self.session_id, root.lineage.token)
             governor.watch(self.session_id)
-            decision = governor.handoff(
-                self.session_id,
-                "",
-                root.agent_id,
-                task=root.task,
-                permissions=list(root.lineage.permissions)
-                if root.lineage.permissions is not None
-                else None,
-                estimated_usd=estimated_usd,
-                to_role=root.lineage.role,
-            )
-            root.lineage.token.value = decision.lineage_token
+            root.lineage.token.value = governor.handoff(**request).lineage_token
         return root
+
+    async def aagent(self, name: str, **kwargs: Any) -> AgentSpan:
+        """:meth:`agent`, with the start decided without holding the event loop."""
+        root, request = self._root(name, kwargs)
+        governor = self._gov.governor
+        if governor is not None:
+            governor.remember(self.session_id, root.lineage.token)
+            # the session's events are listened to from the root's start, once it holds a
+            # token (the stream answers an agent key nothing before); the governor itself
+            # refuses the root of a session killed already
+            decision = await _adecide(governor, "handoff", **request)
+            root.lineage.token.value = decision.lineage_token
+            root._decided_here = True
+        return root
+
+    def _root(self, name: str, kwargs: dict[str, Any]) -> tuple[AgentSpan, dict[str, Any]]:
+        estimated_usd = float(kwargs.pop("estimated_usd", 0.0))
+        root = self._gov._agent(name, parent=self.lineage, parent_ctx=None, **kwargs)
+        request = self._gov._handoff_request(
+            self.session_id,
+            "",
+            root.agent_id,
+            task=root.task,
+            permissions=root.lineage.permissions,
+            estimated_usd=estimated_usd,
+            role=root.lineage.role,
+            token="",
+        )
+        return root, request
 
     def __enter__(self) -> SessionScope:
         self._attach(with_lineage(self.lineage))
@@ -161,6 +210,8 @@ class AgentSpan(_Scope):
         #: checks it to fall back to a constrained single-agent mode
         self.constrained = False
         self._prover: SpanProver | None = None
+        #: this process asked the governor for this agent's start (and was allowed)
+        self._decided_here = False
 
     @property
     def agent_id(self) -> str:
@@ -209,16 +260,35 @@ class AgentSpan(_Scope):
         With a governor, an agent of a killed session is refused here, before it runs.
         """
         governor = self._gov.governor
-        lin = self.lineage
         if governor is not None:
-            governor.remember(lin.session_id, lin.token)
-            governor.watch(lin.session_id)
-            governor.check(lin.session_id)
+            governor.remember(self.session_id, self.lineage.token)
+            governor.watch(self.session_id)
+            governor.check(self.session_id)
+        return self._open()
+
+    async def astart(self) -> AgentSpan:
+        """:meth:`start`, waiting for the session's state without holding the event loop
+        (no wait for an agent whose start this process had decided: the governor's
+        allow says the session was running)."""
+        governor = self._gov.governor
+        if governor is not None:
+            governor.remember(self.session_id, self.lineage.token)
+            if self._decided_here:
+                governor._watch(self.session_id)
+            else:
+                await _awatch(governor, self.session_id)
+            governor.check(self.session_id)
+        return self._open()
+
+    def _open(self) -> AgentSpan:
+        governor = self._gov.governor
+        lin = self.lineage
         attrs: dict[str, Any] = {
             cv.OPERATION_NAME: cv.OP_INVOKE_AGENT,
             cv.AGENT_ID: lin.agent_id,
             cv.AGENT_NAME: self.name,
             cv.SESSION_ID: lin.session_id,
+            cv.CONVERSATION_ID: lin.session_id,
             cv.DELEGATION_CHAIN: lin.chain,
             cv.DELEGATION_DEPTH: lin.depth,
             cv.INTENT: lin.intent,
@@ -254,9 +324,31 @@ class AgentSpan(_Scope):
         if governor is not None and self.span is not None:
             governor.finished(self.session_id, self.agent_id)
             try:
-                governor.usage(self.session_id, self.agent_id, finished=True, token=self.token)
+                governor.usage(**self._finish_request())
             except Stopped:
                 pass  # finishing is never refused; the governor logged what it needed
+        self._close(exc)
+
+    async def aend(self, exc: BaseException | None = None) -> None:
+        """:meth:`end`, reporting the finish without holding the event loop."""
+        governor = self._gov.governor
+        if governor is not None and self.span is not None:
+            governor.finished(self.session_id, self.agent_id)
+            try:
+                await _adecide(governor, "usage", **self._finish_request())
+            except Stopped:
+                pass
+        self._close(exc)
+
+    def _finish_request(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "agent_id": self.agent_id,
+            "finished": True,
+            "token": self.token,
+        }
+
+    def _close(self, exc: BaseException | None) -> None:
         span = self.span
         if span is not None and (self._input_tokens or self._output_tokens or self._usd):
             span.set_attributes(
@@ -279,6 +371,18 @@ class AgentSpan(_Scope):
     ) -> None:
         self._detach()
         self.end(exc)
+
+    async def __aenter__(self) -> AgentSpan:
+        if self.span is None:
+            await self.astart()
+        self._attach(self.context)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._detach()
+        await self.aend(exc)
 
     # -- governance ---------------------------------------------------------------------
 
@@ -324,17 +428,47 @@ class AgentSpan(_Scope):
         governor = self._gov.governor
         if governor is None:
             return ""
+        request = self._gov._handoff_request(
+            self.session_id,
+            self.agent_id,
+            to_agent,
+            task,
+            permissions,
+            estimated_usd,
+            role,
+            self.token,
+        )
         try:
-            decision = governor.handoff(
-                self.session_id,
-                self.agent_id,
-                to_agent,
-                task=task,
-                permissions=list(permissions) if permissions is not None else None,
-                estimated_usd=estimated_usd,
-                to_role=role,
-                token=self.token,
-            )
+            decision = governor.handoff(**request)
+        except Stopped as stop:
+            self._stopped(stop)
+            raise
+        self._record_decision("pre_handoff", decision)
+        return decision.lineage_token
+
+    async def _aask_handoff(
+        self,
+        to_agent: str,
+        task: str,
+        role: str,
+        permissions: tuple[str, ...] | None,
+        estimated_usd: float,
+    ) -> str:
+        governor = self._gov.governor
+        if governor is None:
+            return ""
+        request = self._gov._handoff_request(
+            self.session_id,
+            self.agent_id,
+            to_agent,
+            task,
+            permissions,
+            estimated_usd,
+            role,
+            self.token,
+        )
+        try:
+            decision = await _adecide(governor, "handoff", **request)
         except Stopped as stop:
             self._stopped(stop)
             raise
@@ -353,6 +487,16 @@ class AgentSpan(_Scope):
         """Record a tool or command call (an ``execute_tool`` span) by this agent."""
         return ToolSpan(self, tool_name, command, tuple(resources), risk)
 
+    def atool(
+        self,
+        tool_name: str,
+        command: str = "",
+        resources: Sequence[str] = (),
+        risk: int | None = None,
+    ) -> ToolSpan:
+        """:meth:`tool` for ``async with``: the call is decided without holding the loop."""
+        return ToolSpan(self, tool_name, command, tuple(resources), risk)
+
     def delegate(
         self,
         name: str,
@@ -367,7 +511,38 @@ class AgentSpan(_Scope):
         With a governor the delegation is decided first; a stop raises :class:`Stopped`
         (after the ``on_stop`` hook ran and :attr:`constrained` was set).
         """
-        child = self._gov._agent(
+        child = self._child(name, task, role, permissions, agent_id)
+        child.lineage.token.value = self._ask_handoff(
+            child.agent_id, task, role, _check_permissions(permissions), estimated_usd
+        )
+        return child
+
+    async def adelegate(
+        self,
+        name: str,
+        task: str = "",
+        role: str = "",
+        permissions: Sequence[str] | None = None,
+        agent_id: str | None = None,
+        estimated_usd: float = 0.0,
+    ) -> AgentSpan:
+        """:meth:`delegate`, decided without holding the event loop."""
+        child = self._child(name, task, role, permissions, agent_id)
+        child.lineage.token.value = await self._aask_handoff(
+            child.agent_id, task, role, _check_permissions(permissions), estimated_usd
+        )
+        child._decided_here = self._gov.governor is not None
+        return child
+
+    def _child(
+        self,
+        name: str,
+        task: str,
+        role: str,
+        permissions: Sequence[str] | None,
+        agent_id: str | None,
+    ) -> AgentSpan:
+        return self._gov._agent(
             name,
             parent=self.lineage,
             parent_ctx=self.context,
@@ -376,10 +551,6 @@ class AgentSpan(_Scope):
             permissions=permissions,
             agent_id=agent_id,
         )
-        child.lineage.token.value = self._ask_handoff(
-            child.agent_id, task, role, _check_permissions(permissions), estimated_usd
-        )
-        return child
 
     def handoff(
         self,
@@ -434,11 +605,8 @@ class AgentSpan(_Scope):
         With a governor the spend is reported at once: past the shared budget this raises
         :class:`Stopped` (``shared_budget_exceeded``).
         """
-        self._input_tokens += int(input_tokens)
-        self._output_tokens += int(output_tokens)
-        self._usd += float(usd)
-        governor = self._gov.governor
-        if governor is not None and usd:
+        governor = self._add_usage(input_tokens, output_tokens, usd)
+        if governor is not None:
             try:
                 decision = governor.usage(
                     self.session_id, self.agent_id, usd=float(usd), token=self.token
@@ -448,9 +616,41 @@ class AgentSpan(_Scope):
                 raise
             self._renewed(decision)
 
+    async def ausage(self, input_tokens: int = 0, output_tokens: int = 0, usd: float = 0.0) -> None:
+        """:meth:`usage`, reporting spend without holding the event loop."""
+        governor = self._add_usage(input_tokens, output_tokens, usd)
+        if governor is not None:
+            try:
+                decision = await _adecide(
+                    governor,
+                    "usage",
+                    session_id=self.session_id,
+                    agent_id=self.agent_id,
+                    usd=float(usd),
+                    token=self.token,
+                )
+            except Stopped as stop:
+                self._stopped(stop)
+                raise
+            self._renewed(decision)
+
+    def _add_usage(
+        self, input_tokens: int, output_tokens: int, usd: float
+    ) -> GovernorClient | None:
+        """Count usage; the governor to report spend to, if there is spend and a governor."""
+        self._input_tokens += int(input_tokens)
+        self._output_tokens += int(output_tokens)
+        self._usd += float(usd)
+        return self._gov.governor if usd else None
+
 
 class ToolSpan(_Scope):
-    """One tool or command call: an ``execute_tool`` span, self-contained for audit."""
+    """One tool or command call: an ``execute_tool`` span, self-contained for audit.
+
+    Use it with ``with`` or ``async with``: the call is decided, then the span opens. Code
+    that must decide in one place and run the call in another uses :meth:`decide` (or
+    :meth:`adecide`), then :meth:`open` and :meth:`close` around the call itself.
+    """
 
     def __init__(
         self,
@@ -466,33 +666,62 @@ class ToolSpan(_Scope):
         self.resources = resources
         self.risk = risk
 
-    def __enter__(self) -> ToolSpan:
+    def _request(self) -> dict[str, Any]:
+        agent = self.agent
+        gov = agent._gov
+        return {
+            "session_id": agent.session_id,
+            "agent_id": agent.agent_id,
+            "tool": self.tool_name,
+            "command": self.command,
+            "resources": list(self.resources),
+            "token": agent.token,
+            "approvals": gov.approvals,
+            "approval_timeout": gov.approval_timeout,
+        }
+
+    def _decided(self, decision: Decision) -> None:
+        self.agent._record_decision("tool", decision)
+        self.agent._renewed(decision)
+        if decision.risk is not None and self.risk is None:
+            self.risk = decision.risk
+
+    def decide(self) -> None:
+        """Ask the governor for this call; a stop raises :class:`Stopped` (after the
+        ``on_stop`` hook ran)."""
+        governor = self.agent._gov.governor
+        if governor is None:
+            return
+        try:
+            decision = governor.tool(**self._request())
+        except Stopped as stop:
+            self.agent._stopped(stop)
+            raise
+        self._decided(decision)
+
+    async def adecide(self) -> None:
+        """:meth:`decide` without holding the event loop."""
+        governor = self.agent._gov.governor
+        if governor is None:
+            return
+        try:
+            decision = await _adecide(governor, "tool", **self._request())
+        except Stopped as stop:
+            self.agent._stopped(stop)
+            raise
+        self._decided(decision)
+
+    def open(self) -> ToolSpan:
+        """Start the span (a decided call) and make it current."""
         agent = self.agent
         lin = agent.lineage
-        governor = agent._gov.governor
-        if governor is not None:
-            try:
-                decision = governor.tool(
-                    lin.session_id,
-                    lin.agent_id,
-                    self.tool_name,
-                    self.command,
-                    list(self.resources),
-                    token=agent.token,
-                )
-            except Stopped as stop:
-                agent._stopped(stop)
-                raise
-            agent._record_decision("tool", decision)
-            agent._renewed(decision)
-            if decision.risk is not None and self.risk is None:
-                self.risk = decision.risk
         attrs: dict[str, Any] = {
             cv.OPERATION_NAME: cv.OP_EXECUTE_TOOL,
             cv.TOOL_NAME: self.tool_name,
             cv.AGENT_ID: lin.agent_id,
             cv.AGENT_NAME: agent.name,
             cv.SESSION_ID: lin.session_id,
+            cv.CONVERSATION_ID: lin.session_id,
             cv.DELEGATION_CHAIN: lin.chain,
             cv.DELEGATION_DEPTH: lin.depth,
             cv.INTENT: lin.intent,
@@ -517,11 +746,28 @@ class ToolSpan(_Scope):
         self._attach(trace.set_span_in_context(self.span, agent.context))
         return self
 
+    def close(self, exc: BaseException | None = None) -> None:
+        """End the span (recording ``exc``, if given) and restore the context."""
+        self._detach()
+        self._finish(exc)
+
+    def __enter__(self) -> ToolSpan:
+        self.decide()
+        return self.open()
+
     def __exit__(
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._detach()
-        self._finish(exc)
+        self.close(exc)
+
+    async def __aenter__(self) -> ToolSpan:
+        await self.adecide()
+        return self.open()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close(exc)
 
 
 class Handoff:
@@ -549,7 +795,8 @@ class Governance:
 
     ``tracer_provider`` defaults to the global OpenTelemetry provider, so an application
     configured by ``opentelemetry-instrument`` or :func:`agentgov.instrumentation.configure`
-    needs no arguments.
+    needs no arguments. ``approvals`` (``wait`` or ``raise``) and ``approval_timeout``
+    override the governor client's own for this governance's steps.
     """
 
     def __init__(
@@ -557,6 +804,8 @@ class Governance:
         tracer_provider: TracerProvider | None = None,
         governor: GovernorClient | None = None,
         on_stop: StopHook | None = None,
+        approvals: str | None = None,
+        approval_timeout: float | None = None,
     ) -> None:
         self.tracer: Tracer = trace.get_tracer(
             INSTRUMENTATION_NAME, INSTRUMENTATION_VERSION, tracer_provider=tracer_provider
@@ -565,6 +814,32 @@ class Governance:
         self.governor = governor
         #: called with (agent, stop) whenever the governor stops one of an agent's steps
         self.on_stop = on_stop
+        self.approvals = approvals
+        self.approval_timeout = approval_timeout
+
+    def _handoff_request(
+        self,
+        session_id: str,
+        from_agent: str,
+        to_agent: str,
+        task: str,
+        permissions: Sequence[str] | None,
+        estimated_usd: float,
+        role: str,
+        token: str,
+    ) -> dict[str, Any]:
+        return {
+            "session_id": session_id,
+            "from_agent": from_agent,
+            "to_agent": to_agent,
+            "task": task,
+            "permissions": list(permissions) if permissions is not None else None,
+            "estimated_usd": estimated_usd,
+            "to_role": role,
+            "token": token,
+            "approvals": self.approvals,
+            "approval_timeout": self.approval_timeout,
+        }
 
     def session(self, intent: str, session_id: str | None = None) -> SessionScope:
         """Open a root session for one human instruction.
@@ -593,6 +868,37 @@ class Governance:
         governor already decided that handoff. Without a handoff, the new agent is a
         delegation from the current agent (or the session's root) and is decided here.
         """
+        child, parent, received = self._prepare(name, task, role, permissions, agent_id, carrier)
+        if not received:
+            self._decide_start(child, parent, estimated_usd)
+        return child
+
+    async def aagent(
+        self,
+        name: str,
+        task: str = "",
+        role: str = "",
+        permissions: Sequence[str] | None = None,
+        agent_id: str | None = None,
+        carrier: Mapping[str, str] | None = None,
+        estimated_usd: float = 0.0,
+    ) -> AgentSpan:
+        """:meth:`agent`, with the start decided without holding the event loop."""
+        child, parent, received = self._prepare(name, task, role, permissions, agent_id, carrier)
+        if not received:
+            await self._adecide_start(child, parent, estimated_usd)
+        return child
+
+    def _prepare(
+        self,
+        name: str,
+        task: str,
+        role: str,
+        permissions: Sequence[str] | None,
+        agent_id: str | None,
+        carrier: Mapping[str, str] | None,
+    ) -> tuple[AgentSpan, Lineage, bool]:
+        """The new agent, its parent lineage, and whether it takes a received handoff."""
         ctx = extract(carrier) if carrier is not None else otel_context.get_current()
         parent = current_lineage(ctx)
         if parent is None:
@@ -624,9 +930,22 @@ class Governance:
         )
         if received:
             child.lineage.token.value = parent.token.value  # the handoff target's own token
-        else:
-            self._decide_start(child, parent, estimated_usd)
-        return child
+        return child, parent, received
+
+    def _start_request(
+        self, child: AgentSpan, parent: Lineage, estimated_usd: float
+    ) -> dict[str, Any]:
+        lin = child.lineage
+        return self._handoff_request(
+            lin.session_id,
+            parent.agent_id,
+            lin.agent_id,
+            child.task,
+            lin.permissions,
+            estimated_usd,
+            lin.role,
+            parent.token.value,
+        )
 
     def _decide_start(self, child: AgentSpan, parent: Lineage, estimated_usd: float) -> None:
         """Ask the governor to start ``child``: delegated by the current agent (with its
@@ -638,21 +957,30 @@ class Governance:
         governor.remember(lin.session_id, parent.token if parent.token.value else lin.token)
         governor.watch(lin.session_id)
         try:
-            decision = governor.handoff(
-                lin.session_id,
-                parent.agent_id,
-                lin.agent_id,
-                task=child.task,
-                permissions=list(lin.permissions) if lin.permissions is not None else None,
-                estimated_usd=estimated_usd,
-                to_role=lin.role,
-                token=parent.token.value,
+            decision = governor.handoff(**self._start_request(child, parent, estimated_usd))
+        except Stopped as stop:
+            if self.on_stop is not None:
+                self.on_stop(child, stop)
+            raise
+        lin.token.value = decision.lineage_token
+
+    async def _adecide_start(self, child: AgentSpan, parent: Lineage, estimated_usd: float) -> None:
+        governor = self.governor
+        if governor is None:
+            return
+        lin = child.lineage
+        governor.remember(lin.session_id, parent.token if parent.token.value else lin.token)
+        await _awatch(governor, lin.session_id)
+        try:
+            decision = await _adecide(
+                governor, "handoff", **self._start_request(child, parent, estimated_usd)
             )
         except Stopped as stop:
             if self.on_stop is not None:
                 self.on_stop(child, stop)
             raise
         lin.token.value = decision.lineage_token
+        child._decided_here = True
 
     def _agent(
         self,
