@@ -151,11 +151,11 @@ class QueryApi:
         governed = self.governor.lineage(sid) if self.governor is not None else {}
         try:
             g = self.analytics.graph(sid)
-            nodes = records(g.nodes)
+            nodes, span_edges = records(g.nodes), records(g.edges)
         except SessionNotFound:
             if not governed:
                 raise
-            nodes = []
+            nodes, span_edges = [], []
         by_id = {n["id"]: n for n in nodes}
         for agent_id, lin in governed.items():
             node = by_id.get(agent_id)
@@ -179,16 +179,24 @@ class QueryApi:
             node.setdefault("contradicted", False)
             node.setdefault("lineage", "spans")
         nodes.sort(key=lambda n: (int(n["depth"]), str(n["id"])))
+        # into a governed agent, the one edge the governor allowed; elsewhere what the
+        # spans show, an agent handed work by several agents having several
         edges = [
             {
-                "source": n["parent_id"],
-                "target": n["id"],
-                "task": n.get("task", ""),
-                "via": n.get("via") or "explicit",
+                "source": e["source"],
+                "target": e["target"],
+                "task": e.get("task", ""),
+                "via": e.get("via") or "explicit",
             }
-            for n in nodes
-            if n["parent_id"]
+            for e in span_edges
+            if e["target"] not in governed
         ]
+        edges += [
+            {"source": lin["parent_id"], "target": agent_id, "task": by_id[agent_id].get("task", ""),
+             "via": "governor"}
+            for agent_id, lin in governed.items()
+            if lin["parent_id"]
+        ]  # fmt: skip
         return {"session_id": sid, "nodes": nodes, "edges": edges}
 
     async def graph(self, request: Request) -> Response:

@@ -44,13 +44,23 @@ def delegation_tree(graph: dict[str, Any]) -> str:
         task_txt = f"  task: {task!r}" if task else ""
         return f"{n['name'] or agent_id} ({agent_id}){role}  depth {n['depth']}  risk {risk_label(int(n['risk']))}{task_txt}"
 
+    seen: set[str] = set()
+
     def walk(agent_id: str, parent: str | None, prefix: str, last: bool, top: bool) -> None:
         branch = "" if top else ("└── " if last else "├── ")
+        seen.add(agent_id)
         lines.append(prefix + branch + label(agent_id, parent))
-        kids = sorted(children.get(agent_id, []))
         next_prefix = prefix if top else prefix + ("    " if last else "│   ")
+        kids = sorted(k for k in children.get(agent_id, []) if k in nodes)
         for i, kid in enumerate(kids):
-            walk(kid, agent_id, next_prefix, i == len(kids) - 1, False)
+            end = i == len(kids) - 1
+            if nodes[kid]["parent_id"] == agent_id and kid not in seen:
+                walk(kid, agent_id, next_prefix, end, False)
+            else:  # a further edge: work handed (back) to an agent shown elsewhere
+                n = nodes[kid]
+                lines.append(
+                    next_prefix + ("└── " if end else "├── ") + f"↩ {n['name'] or kid} ({kid})"
+                )
 
     for root in sorted(roots):
         walk(root, None, "", True, True)

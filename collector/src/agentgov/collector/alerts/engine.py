@@ -410,7 +410,7 @@ class AlertEngine:
                     # in a governed session, spans no lineage token vouches for are not
                     # evidence: anyone with an ingest key could have sent them in an
                     # agent's name; only rules that opt in look at them
-                    trusted = fact.verified or not self._governor.knows(fact.session_id)
+                    trusted = fact.verified or not self._governor.governs(fact.session_id)
                     if trusted:
                         live.add_span(fact)
                         touched.setdefault(fact.session_id, received)
@@ -501,7 +501,7 @@ class AlertEngine:
             touched.setdefault(old_session, received)
         self._resolved[key] = (fact.session_id, fact)
         live = self._session(fact.session_id)
-        trusted = fact.verified or not self._governor.knows(fact.session_id)
+        trusted = fact.verified or not self._governor.governs(fact.session_id)
         if trusted:
             live.add_span(fact)
             touched.setdefault(fact.session_id, received)
@@ -519,6 +519,12 @@ class AlertEngine:
         return tokens.proves(
             fact.token_id, fact.session_id, fact.agent_id, fact.trace_id, fact.span_id, fact.proof
         )
+
+    def live_context(self, session_id: str) -> dict[str, Any] | None:
+        """A session's ``session`` rule fields as the engine holds them now; None for a
+        session it has seen nothing of (inspection, tests)."""
+        live = self._sessions.get(session_id)
+        return self.session_context(live) if live is not None else None
 
     def session_context(self, live: LiveSession) -> dict[str, Any]:
         """A session's rule fields: live aggregates merged with the governor's state."""
@@ -649,7 +655,7 @@ class AlertEngine:
         if action == "stop":
             if self._governor.is_killed(sid):
                 status = "already killed"
-            elif rule.source == "sql" and not rule.unverified and self._governor.knows(sid):
+            elif rule.source == "sql" and not rule.unverified and self._governor.governs(sid):
                 # a query over stored spans cannot tell who sent them: it may not stop a
                 # governed session unless the rule says so (unverified: true)
                 status = "withheld: sql evidence is unverified (set unverified: true to stop)"

@@ -14,14 +14,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentgov.collector.governor.state import Record
+from agentgov.collector.store.schema import EDGE_OPERATION
 from agentgov.instrumentation.permissions import write_granted
 
 TOOL, AGENT, MESSAGE = "tool", "agent", "message"
+#: a further delegation edge into an agent that already ran (see store/schema.py)
+EDGE = "edge"
 
 
 @dataclass(slots=True)
 class SpanFact:
-    """One tool call, agent or inter-agent message of a session."""
+    """One tool call, agent, inter-agent message or further delegation edge of a session."""
 
     session_id: str
     kind: str
@@ -181,6 +184,8 @@ def facts_from_rows(rows: Iterable[Sequence[Any]]) -> list[SpanFact]:
             )
         elif op == "invoke_agent":
             facts.append(SpanFact(kind=AGENT, time=int(start) / 1e9, usd=float(usd), **base))
+        elif op == EDGE_OPERATION:
+            facts.append(SpanFact(kind=EDGE, time=int(start) / 1e9, **base))
         for at, sender, to, injection, signals in messages:
             facts.append(
                 SpanFact(

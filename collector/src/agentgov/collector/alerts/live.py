@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentgov.collector.alerts.facts import AGENT, MESSAGE, TOOL, SpanFact
+from agentgov.collector.alerts.facts import AGENT, EDGE, MESSAGE, TOOL, SpanFact
 from agentgov.collector.risk import risk_from_log_sum, risk_log_term
 from agentgov.instrumentation.injection import LIKELY
 
@@ -44,6 +45,10 @@ class LiveSession:
     #: the agent chain of the latest fact, for alert texts
     last_chain: tuple[str, ...] = ()
     last_agent: str = ""
+    #: facts naming each agent, and each (parent, child) edge: what a replaced fact takes
+    #: back is forgotten once nothing else names it
+    _refs: Counter[str] = field(default_factory=Counter)
+    _edge_refs: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def spawn(self, parent: str, child: str, at: float) -> None:
         if not parent or not child or parent == child:
@@ -57,18 +62,24 @@ class LiveSession:
         if fact.intent and not self.intent:
             self.intent = fact.intent
         if fact.agent_id:
-            known = self.agents.get(fact.agent_id)
-            if known is None or (fact.chain and not known.chain):
-                self.agents[fact.agent_id] = _Agent(fact.parent_id, fact.depth, fact.chain)
-            self.last_chain = fact.chain or self.last_chain
-            self.last_agent = fact.agent_id
+            self._refs[fact.agent_id] += 1
+            if fact.kind != EDGE:
+                known = self.agents.get(fact.agent_id)
+                # an agent's own run says who it is (a later resolution may correct it);
+                # other facts only fill in an agent not seen yet
+                if known is None or fact.kind == AGENT or (fact.chain and not known.chain):
+                    self.agents[fact.agent_id] = _Agent(fact.parent_id, fact.depth, fact.chain)
+                self.last_chain = fact.chain or self.last_chain
+                self.last_agent = fact.agent_id
         if fact.kind == TOOL:
             self.tool_calls += 1
             self.risk_log_sum += risk_log_term(fact.risk)
             self.max_command_risk = max(self.max_command_risk, fact.risk)
-        elif fact.kind == AGENT:
+        elif fact.kind in (AGENT, EDGE):
             if fact.usd:
                 self.usd[fact.agent_id] = self.usd.get(fact.agent_id, 0.0) + fact.usd
+            if fact.parent_id:
+                self._edge_refs[(fact.parent_id, fact.agent_id)] += 1
             self.spawn(fact.parent_id, fact.agent_id, fact.time)
         elif fact.kind == MESSAGE and fact.injection:
             self.injections += 1 if fact.injection >= LIKELY else 0
@@ -76,14 +87,29 @@ class LiveSession:
     def remove_span(self, fact: SpanFact) -> None:
         """Take back what :meth:`add_span` counted for ``fact`` (a resolution replaced it).
 
-        Sums come back down; maxima, the agents seen and their spawn times stay, as later
-        spans of the same agents say the same of them.
+        Sums come back down; an agent or edge no remaining fact names is forgotten; maxima
+        stay.
         """
+        if fact.agent_id:
+            self._refs[fact.agent_id] -= 1
+            if self._refs[fact.agent_id] <= 0:
+                del self._refs[fact.agent_id]
+                self.agents.pop(fact.agent_id, None)
         if fact.kind == TOOL:
             self.tool_calls = max(0, self.tool_calls - 1)
             self.risk_log_sum -= risk_log_term(fact.risk)
-        elif fact.kind == AGENT and fact.usd:
-            self.usd[fact.agent_id] = self.usd.get(fact.agent_id, 0.0) - fact.usd
+        elif fact.kind in (AGENT, EDGE):
+            if fact.usd:
+                self.usd[fact.agent_id] = self.usd.get(fact.agent_id, 0.0) - fact.usd
+            edge = (fact.parent_id, fact.agent_id)
+            if fact.parent_id and self._edge_refs[edge] > 0:
+                self._edge_refs[edge] -= 1
+                if self._edge_refs[edge] == 0:
+                    del self._edge_refs[edge]
+                    kids = self.children.get(fact.parent_id, {})
+                    kids.pop(fact.agent_id, None)
+                    if not kids:
+                        self.children.pop(fact.parent_id, None)
         elif fact.kind == MESSAGE and fact.injection >= LIKELY:
             self.injections = max(0, self.injections - 1)
 
@@ -115,9 +141,11 @@ class LiveSession:
         g = governed or {}
         log_sum = self.risk_log_sum + sum(risk_log_term(r) for r in pending_risks)
         risk = risk_from_log_sum(log_sum)
+        # every delegation edge, as the stored aggregate counts them (an agent handed work
+        # again by another agent is one more)
         handoffs = max(
             int(g.get("governed_handoffs", 0)),
-            sum(1 for a in self.agents.values() if a.parent),
+            sum(len(kids) for kids in self.children.values()),
         )
         depth = max((a.depth for a in self.agents.values()), default=0)
         usd = max(float(g.get("budget_usd", 0.0)), sum(self.usd.values()))

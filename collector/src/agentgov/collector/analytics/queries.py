@@ -104,7 +104,7 @@ class Analytics:
         return dict(df.iloc[0].to_dict())
 
     def graph(self, session_id: str) -> Graph:
-        """Agents of a session with role, depth, risk; edges from lineage (parent → child)."""
+        """Agents of a session with role, depth, risk; its delegation edges (parent → child)."""
         check_id(session_id, "session id")
         nodes = self._df(
             f"""
@@ -122,15 +122,16 @@ class Analytics:
         )
         if nodes.empty:
             raise SessionNotFound(session_id)
-        edges = pd.DataFrame(
-            [
-                (parent, child, task, via)
-                for child, parent, task, via in zip(
-                    nodes["id"], nodes["parent_id"], nodes["task"], nodes["via"], strict=True
-                )
-                if parent
-            ],
-            columns=["source", "target", "task", "via"],
+        # an agent may have more than one delegator (work handed back to it): edges are
+        # read from the edges view, not from each agent's one parent
+        edges = self._df(
+            f"""
+            SELECT ParentAgentId AS source, AgentId AS target, Task AS task, Via AS via
+            FROM {schema.EDGES}
+            WHERE SessionId = {{sid:String}}
+            ORDER BY Timestamp, source, target
+            """,
+            {"sid": session_id},
         )
         return Graph(nodes, edges)
 

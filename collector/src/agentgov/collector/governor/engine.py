@@ -811,6 +811,13 @@ class Governor:
         """Whether the governor has seen the session (decided a step of it, or killed it)."""
         return session_id in self._sessions
 
+    def governs(self, session_id: str) -> bool:
+        """Whether agents of the session run under the governor (it started one): then
+        only spans a lineage token vouches for are evidence of what they did. A session
+        it only killed (an alert on spans, a pre-kill) is not governed."""
+        state = self._sessions.get(session_id)
+        return state is not None and bool(state.agents)
+
     def kill(
         self, session_id: str, actor: str, reason: str = "", unseen: bool = False
     ) -> dict[str, Any]:

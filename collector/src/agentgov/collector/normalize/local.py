@@ -324,27 +324,38 @@ def runtime_calls(attrs: dict[str, str]) -> list[Call]:
 MAX_INPUT = 1000
 
 
+#: keys a run's JSON input names its request by, when it is no chat transcript
+#: (smolagents ``task``, CrewAI kickoff inputs, LangChain ``input``/``query``)
+REQUEST_KEYS = ("task", "request", "input", "query", "question", "prompt")
+
+
 def input_text(raw: str) -> str:
-    """The text a run was asked: a plain string, or in a JSON chat transcript the first user
-    message's content (else the first content there is)."""
+    """The text a run was asked: a plain string; in a JSON chat transcript the first user
+    message's content (role or, AutoGen, source ``user``; else the first content there is);
+    in other JSON the first request-like value (:data:`REQUEST_KEYS`)."""
     if not raw:
         return ""
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return raw[:MAX_INPUT]
     found: list[str] = []
+    requests: list[str] = []
 
     def walk(v: Any, depth: int) -> None:
         if depth > 16 or len(found) > 1:
             return
         if isinstance(v, dict):
             content = v.get("content")
-            if isinstance(content, str) and content and v.get("role") == "user":
+            if isinstance(content, str) and content and "user" in (v.get("role"), v.get("source")):
                 found.insert(0, content)
                 return
             if isinstance(content, str) and content and not found:
                 found.append(content)
+            if not requests:
+                requests.extend(
+                    x for k in REQUEST_KEYS if isinstance(x := v.get(k), str) and x.strip()
+                )
             for x in v.values():
                 walk(x, depth + 1)
         elif isinstance(v, list):
@@ -354,7 +365,8 @@ def input_text(raw: str) -> str:
     if isinstance(value, str):
         return value[:MAX_INPUT]
     walk(value, 0)
-    return found[0][:MAX_INPUT] if found else ""
+    text = found[0] if found else requests[0] if requests else ""
+    return text[:MAX_INPUT]
 
 
 def message_events(
@@ -451,6 +463,9 @@ def local_facts(s: Span) -> LocalFacts:
         risk_floor=max(0, min(100, as_int(g["risk_floor"]))),
         token_id=g["token_id"],
         proof=g["proof"],
-        input=input_text(g["input"]) if kind == "agent" or not s.parent_id else "",
+        # the spans sql.py keeps inputs of, alike
+        input=input_text(g["input"])
+        if kind in ("agent", "llm") or not s.parent_id or s.scope.startswith("autogen")
+        else "",
         messages=message_events(s.events),
     )

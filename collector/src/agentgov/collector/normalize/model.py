@@ -489,6 +489,8 @@ RULES: dict[str, list[Src]] = {
         Attr("input.value"),  # OpenInference
         Attr("gen_ai.input.messages"),  # GenAI
         Attr("traceloop.entity.input"),  # OpenLLMetry
+        # AutoGen's runtime: the delivered message ('No Message' where there is none)
+        Attr("message", ScopeRe(r"^autogen"), ("no message",)),
     ],
     # -- agentgov's governance facts (only agentgov's own spans carry them) ----------------
     "command": [Attr("agentgov.command")],

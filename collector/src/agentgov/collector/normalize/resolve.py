@@ -86,6 +86,9 @@ class Edge:
     child: str
     via: str
     evidence: list[str]
+    #: the span the edge was first found at, and when it started
+    site: str = ""
+    at: int = 0
 
 
 @dataclass
@@ -350,12 +353,16 @@ class _Resolver:
 
         edges: dict[tuple[str, str, str], Edge] = {}
 
-        def add_edge(parent: Key | None, child: Key | None, via: str, evidence: str) -> None:
+        def add_edge(
+            parent: Key | None, child: Key | None, via: str, evidence: str, site: str
+        ) -> None:
             parent, child = self.canon(parent), self.canon(child)
             if parent is None or child is None or parent == child or parent[0] != child[0]:
                 return
             k = (parent[0], parent[1], child[1])
-            edge = edges.setdefault(k, Edge(parent[0], parent[1], child[1], via, []))
+            edge = edges.setdefault(
+                k, Edge(parent[0], parent[1], child[1], via, [], site, f[site].start)
+            )
             edge.evidence.append(evidence)
             if VIA.index(via) < VIA.index(edge.via):
                 edge.via = via
@@ -367,7 +374,7 @@ class _Resolver:
         for s in agent_spans:
             if f[s].parent_agent:
                 parent = self.lookup(sess[s], f[s].parent_agent, f[s].start)
-                add_edge(parent, node_of[s], "explicit", f"agentgov.agent.parent_id on {s}")
+                add_edge(parent, node_of[s], "explicit", f"agentgov.agent.parent_id on {s}", s)
 
         # nesting: an agent run inside another agent's scope (through tools, steps, links)
         for s in sorted(scope_of, key=lambda s: (f[s].start, s)):
@@ -379,6 +386,7 @@ class _Resolver:
                     me,
                     "tool",
                     f"delegation tool {f[s].tool_name!r} names {f[s].delegation_target!r} ({s})",
+                    s,
                 )
                 delegating.add(s)
                 continue
@@ -414,7 +422,7 @@ class _Resolver:
                     )
                     via = "tool"
                     evidence += f", started by the model's tool call {cname!r} in {llm}"
-            add_edge(parent, me, via, evidence)
+            add_edge(parent, me, via, evidence, s)
 
         # handoffs: handoff spans and handoff tools
         for s in self.order:
@@ -439,7 +447,7 @@ class _Resolver:
                 )
                 if not tool_name:
                     tool_name = f"transfer_to_{norm(target_name)}" if target_name else x.name
-                add_edge(source, target, "handoff", f"handoff span {x.name!r} ({s})")
+                add_edge(source, target, "handoff", f"handoff span {x.name!r} ({s})", s)
                 if source is not None and source != owner.get(s):
                     owner[s], how[s] = source, "handoff source"
                 o = self.canon(owner.get(s))
@@ -468,7 +476,9 @@ class _Resolver:
                     create_at=x.start if x.delegation_explicit else None,
                 )
                 if target is not None:
-                    add_edge(owner.get(s), target, "handoff", f"handoff tool {x.tool_name!r} ({s})")
+                    add_edge(
+                        owner.get(s), target, "handoff", f"handoff tool {x.tool_name!r} ({s})", s
+                    )
                     delegating.add(s)
 
         # agent as tool: a tool named like another agent of the session
@@ -478,7 +488,9 @@ class _Resolver:
                 target = self.lookup(sess[s], x.tool_name)
                 o = self.canon(owner.get(s))
                 if target is not None and o is not None and target != o:
-                    add_edge(o, target, "tool", f"tool {x.tool_name!r} named after an agent ({s})")
+                    add_edge(
+                        o, target, "tool", f"tool {x.tool_name!r} named after an agent ({s})", s
+                    )
                     delegating.add(s)
 
         # OpenInference's graph.node.parent_id: taken only where the tree does not deny it
@@ -495,7 +507,7 @@ class _Resolver:
                     f"graph.node.parent_id on {s}"
                 )
             elif claimed is not None and not untrusted and found in (None, claimed):
-                add_edge(claimed, me, "claimed", f"graph.node.parent_id on {s} (uncontradicted)")
+                add_edge(claimed, me, "claimed", f"graph.node.parent_id on {s} (uncontradicted)", s)
             else:
                 self.rejected.append(
                     f"graph.node.parent_id={x.claimed_parent!r} on {x.name!r}: "
@@ -649,7 +661,8 @@ class _Resolver:
         self, session: str, sess: dict[str, str], nodes: dict[Key, Node], info: SessionInfo
     ) -> str:
         """What the session was asked: agentgov's stated intent, else the input of its
-        earliest trace root, else of its root agent's first run."""
+        earliest trace root, else of its root agent's first run, else the earliest input
+        of a model call or delivery (the user message the run began with)."""
         spans = [s for s in self.order if sess[s] == session]
         for s in spans:
             if self.f[s].intent:
@@ -659,6 +672,9 @@ class _Resolver:
                 return self.f[s].input
         root = nodes.get((session, info.root))
         for s in root.invocations if root else []:
+            if self.f[s].input:
+                return self.f[s].input
+        for s in spans:
             if self.f[s].input:
                 return self.f[s].input
         return ""

@@ -7,7 +7,10 @@ every reader (sessions, graphs, audits, alert facts, dashboards) reads both alik
   delegation was derived, and the usage of the model calls it owns (foreign agent spans
   repeat their children's usage, so only model calls are counted);
 - one ``execute_tool`` row per tool call (handoffs and delegations through tools included,
-  flagged ``Delegation``), owned by its agent, its command scored by the risk rules.
+  flagged ``Delegation``), owned by its agent, its command scored by the risk rules;
+- one ``delegate`` row (schema.EDGE_OPERATION) per further delegation edge into an agent
+  whose own row names another parent: work handed back to an agent that ran before (a
+  swarm's last handoff back to its planner). A row has one parent; an agent may have more.
 
 Agents that agentgov's own spans describe get no row here: their rows are agentgov's.
 """
@@ -17,8 +20,9 @@ from __future__ import annotations
 from typing import Any
 
 from agentgov.collector.normalize.local import LocalFacts
-from agentgov.collector.normalize.resolve import Key, Node, Resolution
+from agentgov.collector.normalize.resolve import Edge, Key, Node, Resolution
 from agentgov.collector.risk import RiskRules
+from agentgov.collector.store.schema import EDGE_OPERATION
 
 MAX_EVIDENCE = 2000
 
@@ -38,6 +42,12 @@ def resolved_rows(
         if node.native:
             continue
         rows.append(_node_row(res, key, node, facts))
+    for edge in sorted(res.edges.values(), key=lambda e: (e.at, e.parent, e.child)):
+        child = res.nodes.get((edge.session, edge.child))
+        parent = res.nodes.get((edge.session, edge.parent))
+        if child is None or parent is None or child.native or child.parent == edge.parent:
+            continue  # the child's own row states this edge
+        rows.append(_edge_row(res, edge, parent, child, facts))
     for call in res.tools:
         fact = facts.get(call.span_id)
         if fact is not None and fact.native:
@@ -158,6 +168,28 @@ def _node_row(
         "StatusCode": "Error" if any(r.status == "Error" for r in runs) else "Unset",
         "EdgeVia": node.via,
         "EdgeEvidence": "; ".join(node.evidence)[:MAX_EVIDENCE],
+    }
+
+
+def _edge_row(
+    res: Resolution, edge: Edge, parent: Node, child: Node, facts: dict[str, LocalFacts]
+) -> dict[str, Any]:
+    site = facts.get(edge.site)
+    return {
+        # keyed by the span the edge was found at and the agent it leads to
+        **_blank(edge.session, edge.at, site.trace_id if site else "", f"{edge.site}>{child.key}"),
+        "ParentSpanId": edge.site,
+        "ServiceName": site.service if site else "",
+        "SpanName": f"delegate {child.name}",
+        "Operation": EDGE_OPERATION,
+        "AgentId": child.agent_id,
+        "AgentName": child.name,
+        "ParentAgentId": parent.agent_id,
+        "Chain": [*_chain(res, parent), child.agent_id],
+        "Depth": len(parent.chain),
+        "Intent": res.sessions[edge.session].intent,
+        "EdgeVia": edge.via,
+        "EdgeEvidence": "; ".join(edge.evidence)[:MAX_EVIDENCE],
     }
 
 

@@ -336,18 +336,13 @@ class TraceResolver:
                 log.exception("an observer of resolved facts failed")
 
     def _aggregate(self, sessions: list[str], version: int) -> None:
-        """Sessions and agents of the touched sessions, from their resolved rows."""
+        """Agents and sessions of the touched sessions, from their resolved rows (agents
+        first: a reader that finds a session finds its agents)."""
         assert self._client is not None
         params: dict[str, Any] = {"s": sessions, "v": version}
         source = f"{schema.SPANS_RESOLVED} FINAL"
         where = "WHERE SessionId IN {s:Array(String)}"
         for table, select, keys, columns in (
-            (
-                schema.SESSIONS_RESOLVED,
-                schema.SESSIONS_SELECT.format(table=source, where=where),
-                ["SessionId"],
-                schema.SESSION_COLUMN_NAMES,
-            ),
             (
                 schema.AGENTS_RESOLVED,
                 schema.AGENTS_SELECT.format(
@@ -355,6 +350,12 @@ class TraceResolver:
                 ),
                 ["SessionId", "AgentId"],
                 schema.AGENT_COLUMN_NAMES,
+            ),
+            (
+                schema.SESSIONS_RESOLVED,
+                schema.SESSIONS_SELECT.format(table=source, where=where),
+                ["SessionId"],
+                schema.SESSION_COLUMN_NAMES,
             ),
         ):
             cols = ", ".join(columns)

@@ -234,7 +234,13 @@ def _layers(agentgov_only: bool = False) -> list[list[tuple[str, str]]]:
         ("f_input_tokens", f"if({counted}, f_input_tokens0, 0)"),
         ("f_output_tokens", f"if({counted}, f_output_tokens0, 0)"),
         ("f_cost_usd", f"if({counted} AND isFinite(f_cost_usd0), f_cost_usd0, 0)"),
-        ("f_input", "if(f_type = 'agent' OR ParentSpanId = '', f_input0, '')"),
+        # inputs of runs, trace roots, model calls and AutoGen's deliveries: where a
+        # foreign session's intent is found (local.py keeps the same)
+        (
+            "f_input",
+            "if(f_type IN ('agent', 'llm') OR ParentSpanId = '' OR match(ScopeName, '^autogen'),"
+            " f_input0, '')",
+        ),
         (
             "f_model_attrs",
             "if(f_type = 'llm', f_call_attrs, mapFilter((k, v) -> k = 'message', f_call_attrs))",

@@ -43,6 +43,10 @@ AGENTS_RESOLVED = "agentgov_agents_resolved"
 TRACE_QUEUE = "agentgov_trace_queue"
 RECEIPTS = "agentgov_otlp_receipts"
 
+#: the Operation of a resolved row that is only a delegation edge: a further parent of an
+#: agent whose own row names its first (a handoff back to an agent that ran before)
+EDGE_OPERATION = "delegate"
+
 
 def ingest_proto() -> str:
     """The protobuf schema ClickHouse decodes OTLP requests with."""
@@ -328,7 +332,7 @@ ORDER BY (SessionId, Timestamp, SpanId)
 """
 
 SPANS_VIEW = f"""
-CREATE VIEW IF NOT EXISTS {SPANS} AS
+CREATE OR REPLACE VIEW {SPANS} AS
 SELECT {", ".join(SPAN_COLUMN_NAMES)} FROM {SPANS_NATIVE}
 UNION ALL
 SELECT {", ".join(SPAN_COLUMN_NAMES)} FROM {SPANS_RESOLVED} FINAL
@@ -504,7 +508,7 @@ CREATE TABLE IF NOT EXISTS {SESSIONS_RESOLVED} (
 ORDER BY SessionId
 """
 
-SESSIONS_SELECT = """
+SESSIONS_SELECT = f"""
 SELECT
     SessionId,
     min(Timestamp) AS FirstSeen,
@@ -512,10 +516,12 @@ SELECT
     max(Intent) AS Intent,
     groupUniqArray(toString(ServiceName)) AS Services,
     uniqExactStateIf(AgentId, AgentId != '') AS Agents,
-    count() AS Spans,
+    countIf(Operation != '{EDGE_OPERATION}') AS Spans,
     countIf(Operation = 'execute_tool') AS ToolCalls,
-    countIf(Operation = 'invoke_agent' AND ParentAgentId != '') AS Handoffs,
-    max(Depth) AS MaxDepth,
+    countIf(
+        Operation = 'invoke_agent' AND ParentAgentId != '' OR Operation = '{EDGE_OPERATION}'
+    ) AS Handoffs,
+    maxIf(Depth, Operation != '{EDGE_OPERATION}') AS MaxDepth,
     sum(CostUsd) AS CostUsd,
     sum(InputTokens) AS InputTokens,
     sum(OutputTokens) AS OutputTokens,
@@ -523,8 +529,8 @@ SELECT
     sum(log1p(-least(RiskScore, 99.5) / 100)) AS RiskLogSum,
     countIf(StatusCode = 'Error') AS Errors,
     toUInt8(max(Operation = 'invoke_agent' AND Depth = 0 AND ParentAgentId = '')) AS RootEnded
-FROM {table}
-{where}
+FROM {{table}}
+{{where}}
 GROUP BY SessionId
 """
 
@@ -534,7 +540,7 @@ SESSIONS_MV = (
 )
 
 SESSIONS_VIEW = f"""
-CREATE VIEW IF NOT EXISTS {SESSIONS} AS
+CREATE OR REPLACE VIEW {SESSIONS} AS
 SELECT {", ".join(SESSION_COLUMN_NAMES)} FROM {SESSIONS_NATIVE}
 UNION ALL
 SELECT {", ".join(SESSION_COLUMN_NAMES)} FROM {SESSIONS_RESOLVED} FINAL
@@ -581,24 +587,25 @@ CREATE TABLE IF NOT EXISTS {AGENTS_RESOLVED} (
 ORDER BY (SessionId, AgentId)
 """
 
-AGENTS_SELECT = """
+# an agent's parent, task, depth and derivation are its own rows', not its further edges'
+AGENTS_SELECT = f"""
 SELECT
     SessionId, AgentId,
     max(toString(AgentName)) AS Name,
     max(toString(Role)) AS Role,
-    max(ParentAgentId) AS ParentId,
-    max(Task) AS Task,
-    min(Depth) AS Depth,
+    maxIf(ParentAgentId, Operation != '{EDGE_OPERATION}') AS ParentId,
+    maxIf(Task, Operation != '{EDGE_OPERATION}') AS Task,
+    minIf(Depth, Operation != '{EDGE_OPERATION}') AS Depth,
     max(RiskScore) AS Risk,
     countIf(Operation = 'execute_tool') AS ToolCalls,
     sum(CostUsd) AS CostUsd,
     toUInt8(max(StatusCode = 'Error')) AS Errors,
     min(Timestamp) AS FirstSeen,
     max(Timestamp + toIntervalNanosecond(Duration)) AS LastSeen,
-    max(toString(EdgeVia)) AS Via,
-    max(EdgeEvidence) AS Evidence
-FROM {table}
-WHERE AgentId != '' {where}
+    maxIf(toString(EdgeVia), Operation != '{EDGE_OPERATION}') AS Via,
+    maxIf(EdgeEvidence, Operation != '{EDGE_OPERATION}') AS Evidence
+FROM {{table}}
+WHERE AgentId != '' {{where}}
 GROUP BY SessionId, AgentId
 """
 
@@ -608,21 +615,27 @@ AGENTS_MV = (
 )
 
 AGENTS_VIEW = f"""
-CREATE VIEW IF NOT EXISTS {AGENTS} AS
+CREATE OR REPLACE VIEW {AGENTS} AS
 SELECT {", ".join(AGENT_COLUMN_NAMES)} FROM {AGENTS_NATIVE}
 UNION ALL
 SELECT {", ".join(AGENT_COLUMN_NAMES)} FROM {AGENTS_RESOLVED} FINAL
 """
 
-# Delegation edges are the agents that have a parent: a plain view over the agents
+# Delegation edges: the agents that have a parent, and the further edges the resolver
+# found (an agent handed work again by another agent than the one that started it)
 EDGES_VIEW = f"""
-CREATE VIEW IF NOT EXISTS {EDGES} AS
+CREATE OR REPLACE VIEW {EDGES} AS
 SELECT SessionId, max(ParentId) AS ParentAgentId, AgentId, max(Name) AS AgentName,
        max(Role) AS Role, max(Task) AS Task, min(Depth) AS Depth, min(FirstSeen) AS Timestamp,
        max(Via) AS Via
 FROM {AGENTS}
 GROUP BY SessionId, AgentId
 HAVING ParentAgentId != ''
+UNION ALL
+SELECT SessionId, ParentAgentId, AgentId, toString(AgentName) AS AgentName,
+       toString(Role) AS Role, Task, Depth, Timestamp, toString(EdgeVia) AS Via
+FROM {SPANS_RESOLVED} FINAL
+WHERE Operation = '{EDGE_OPERATION}'
 """
 
 RECEIPTS_TABLE = f"""
