@@ -438,12 +438,16 @@ def test_one_kill_stops_agents_in_three_processes(governed: Governed, procs: Pro
     # every process running an agent says that it stopped, as soon as the kill event
     # reaches it (its listener posts it, so it may land a moment after the agents raised)
     expected_acks = {f"shard{i}-{tag}" for i in range(3)} | {f"coord-{tag}"}
-    wait_for(
-        lambda: (
-            {d["from_agent"] for d in api.decisions(sid) if d["phase"] == "stopped"}
-            == expected_acks
-        )
-    )
+    acked: set[str] = set()
+
+    def all_acked() -> bool:
+        acked.update(d["from_agent"] for d in api.decisions(sid) if d["phase"] == "stopped")
+        return acked == expected_acks
+
+    try:
+        wait_for(all_acked)
+    except AssertionError:
+        pytest.fail(f"stop acknowledgements {sorted(acked)}, expected {sorted(expected_acks)}")
     records = api.decisions(sid)
     kills = [(d["actor"], d["reason"], d["detail"]) for d in records if d["phase"] == "kill"]
     assert kills == [

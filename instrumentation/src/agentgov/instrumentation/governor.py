@@ -20,6 +20,7 @@ unknown outcome, a non-JSON page, becomes :class:`Stopped` with a reason, within
 from __future__ import annotations
 
 import asyncio
+import atexit
 import http.client
 import json
 import logging
@@ -35,6 +36,21 @@ from urllib.parse import quote, urlsplit
 from agentgov.instrumentation.lineage_token import HEADER as TOKEN_HEADER
 
 log = logging.getLogger(__name__)
+
+
+class _Pending(threading.Condition):
+    count = 0
+
+
+#: kill acknowledgements being posted by listener threads (daemons: the interpreter would
+#: cut them off at exit, and the governor would never hear that the process's agents stopped)
+_PENDING_ACKS = _Pending()
+
+
+@atexit.register
+def _deliver_acknowledgements(timeout: float = 2.0) -> None:
+    with _PENDING_ACKS:
+        _PENDING_ACKS.wait_for(lambda: _PENDING_ACKS.count <= 0, timeout)
 
 ALLOW, STOP, APPROVAL_REQUIRED = "allow", "stop", "approval_required"
 OUTCOMES = frozenset({ALLOW, STOP, APPROVAL_REQUIRED})
@@ -297,8 +313,8 @@ class _SessionWatch:
         finally:
             conn.close()
 
-    def _acknowledge(self) -> None:
-        self.client._acknowledge_kill(self.session_id)
+    def _acknowledge(self, agents: dict[str, Any]) -> None:
+        self.client._acknowledge_kill(self.session_id, agents)
 
     def _on_event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "state":
@@ -306,9 +322,19 @@ class _SessionWatch:
                 self.killed = {"actor": data.get("killed_by"), "reason": data.get("kill_reason")}
             self.ready.set()
         elif kind == "kill":
-            self.killed = data
-            self.ready.set()
-            self._acknowledge()
+            # who runs here now: once the kill is visible, agents raise and leave
+            agents = self.client._running_agents(self.session_id)
+            with _PENDING_ACKS:  # counted before any agent can see the kill and exit
+                _PENDING_ACKS.count += 1
+            try:
+                self.killed = data
+                self.ready.set()
+                self._signal()  # the agents stop first; the acknowledgement follows
+                self._acknowledge(agents)
+            finally:
+                with _PENDING_ACKS:
+                    _PENDING_ACKS.count -= 1
+                    _PENDING_ACKS.notify_all()
             for hook in list(self.client.on_kill):
                 try:
                     hook(self.session_id, data)
@@ -402,8 +428,8 @@ class _LoopSessionWatch(_SessionWatch):
             writer.close()
             self._writer = None
 
-    def _acknowledge(self) -> None:
-        task = self.loop.create_task(self.client._aacknowledge_kill(self.session_id))
+    def _acknowledge(self, agents: dict[str, Any]) -> None:
+        task = self.loop.create_task(self.client._aacknowledge_kill(self.session_id, agents))
         self._tasks.add(task)  # kept until done: the loop holds tasks only weakly
         task.add_done_callback(self._tasks.discard)
 
@@ -668,11 +694,15 @@ class GovernorClient:
         with self._watch_lock:
             self._known.setdefault(session_id, token)
 
-    def _acknowledge_kill(self, session_id: str) -> None:
-        """Tell the governor which of this process's agents stopped (runs on the listener
-        thread, so the agents' own threads are not held up)."""
+    def _running_agents(self, session_id: str) -> dict[str, Any]:
+        """This process's running agents of a session (id -> token cell), now."""
         with self._watch_lock:
-            agents = dict(self._running.get(session_id, {}))
+            return dict(self._running.get(session_id, {}))
+
+    def _acknowledge_kill(self, session_id: str, agents: dict[str, Any]) -> None:
+        """Tell the governor which of this process's agents stopped (runs on the listener
+        thread, so the agents' own threads are not held up). A process that ends as its
+        agents stop waits for this at exit (:func:`_deliver_acknowledgements`)."""
         for agent_id, cell in agents.items():
             try:
                 self._post(
@@ -1083,10 +1113,8 @@ class AsyncGovernorClient(GovernorClient):
             return _SessionWatch(self, session_id)
         return _LoopSessionWatch(self, session_id)
 
-    async def _aacknowledge_kill(self, session_id: str) -> None:
+    async def _aacknowledge_kill(self, session_id: str, agents: dict[str, Any]) -> None:
         """:meth:`_acknowledge_kill`, on the loop."""
-        with self._watch_lock:
-            agents = dict(self._running.get(session_id, {}))
         for agent_id, cell in agents.items():
             try:
                 await self._apost(
