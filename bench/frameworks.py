@@ -31,6 +31,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -77,13 +78,25 @@ FRAMEWORKS: dict[str, Callable[[], Framework]] = _registry()
 
 
 class Counting(AsyncGovernorClient):
-    """The governor client, counting its requests."""
+    """The governor client, counting its requests: the awaited ones and the blocking ones
+    (a framework that runs its steps in worker threads decides through those)."""
 
-    requests = 0
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.requests = 0
+        self._count_lock = threading.Lock()
+
+    def _count(self) -> None:
+        with self._count_lock:
+            self.requests += 1
 
     async def _apost(self, path: str, body: dict[str, Any], token: str = "") -> Any:
-        self.requests += 1
+        self._count()
         return await super()._apost(path, body, token)
+
+    def _post(self, path: str, body: dict[str, Any], token: str = "") -> Any:
+        self._count()
+        return super()._post(path, body, token)
 
 
 def per_step(loop: asyncio.AbstractEventLoop, step: Callable[[], Awaitable[Any]]) -> float:

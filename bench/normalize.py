@@ -39,13 +39,14 @@ from typing import Any
 import httpx
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from collector_process import running_collector
 from workload import COLUMNS, env_int, spans, to_columns, to_request
 
 from tests.foreign_fixtures import Replay, fixtures, truth_shape
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SPANS = env_int("SPANS", 40_000)
 TRACES = env_int("TRACES", 1000)

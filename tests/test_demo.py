@@ -110,3 +110,29 @@ def test_demo_traces_the_rm_rf_back_to_the_human_instruction(tmp_path: Path) -> 
 
     # nothing left running: no process the demo started is still alive
     assert _processes_in(tmp_path) == set()
+
+
+def test_the_framework_demo_governs_real_openai_agents(tmp_path: Path) -> None:
+    """``agentgov demo --framework openai-agents``: real SDK agents with a scripted model,
+    traced and governed by the instrumentor alone; a tool off the allowlist is refused and
+    the model told why; the operator's kill ends the run at its next step."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "agentgov.collector.cli", "demo", "--framework",
+         "openai-agents", "--store", f"chdb://{tmp_path / 'data'}"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**os.environ, "NO_COLOR": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    tree = out.split("Delegation tree (read back from ClickHouse):")[1].split("Commands")[0]
+    assert re.search(r"^planner \(planner-[0-9a-f]{12}\)  depth 0", tree, re.M), tree
+    assert re.search(r"└── cleanup_coordinator \(cleanup_coordinator-[0-9a-f]{12}\)  depth 1", tree)
+    for worker in ("cleanup_data", "cleanup_images"):
+        assert re.search(rf"── {worker} \({worker}-[0-9a-f]{{12}}\)  depth 2", tree), tree
+    assert re.search(r"cleanup_data-[0-9a-f]{12} .* 80  rm -rf /opt/app/data", out)
+    assert "tool_not_allowed" in out
+    assert "was told: [agentgov] tool call stopped by the governor: tool_not_allowed" in out
+    assert "session_killed" in out
+    assert "the run ended at its next step: SessionKilledByGovernor: session_killed" in out
+    assert re.search(r"audit chain of \d+ decision records intact", out)
+    assert not _processes_in(tmp_path), "the demo left processes running"

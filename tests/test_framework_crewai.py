@@ -38,21 +38,14 @@ os.environ.update(
 
 import asyncio
 import hashlib
-import importlib.metadata
 import json
 import logging
-import re
-import secrets
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from crewai import LLM, Agent, Crew, Process, Task
 from crewai.hooks import (
@@ -64,37 +57,42 @@ from crewai.hooks import (
     unregister_before_tool_call_hook,
 )
 from crewai.tools import tool
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
     InMemorySpanExporter,
 )
 
-from agentgov.instrumentation import (
-    AsyncGovernorClient,
-    SessionKilled,
-    Stopped,
-    current_lineage,
-)
+from agentgov.instrumentation import SessionKilled, Stopped
 from agentgov.instrumentation.frameworks.crewai import CrewAIInstrumentor
+from tests.framework_harness import (
+    INTENT,
+    Governed,
+    Governor,
+    Kill,
+    Reviewer,
+    agent_of,
+    alongside,
+    asked,
+    chains,
+    each_agent_once,
+    governor_fixture,
+    instrument_fixture,
+    links,
+    loaded_by_importing,
+    provider_fixture,
+    run_unmodified,
+    session_of,
+    span_kinds,
+    tree,
+)
 
-from .conftest import CollectorProcess, free_port, make_provider, wait_for
 from .scripted_openai import (
     Reply,
     ScriptedOpenAI,
     ToolCall,
-    system_text,
     tool_results,
 )
 
-AGENT_KEY = "agent-" + secrets.token_hex(12)
-REVIEWER_KEY = "review-" + secrets.token_hex(12)
-ADMIN_KEY = "admin-" + secrets.token_hex(12)
-KEYS = {
-    "AGENTGOV_API_KEYS": f"bot:agent:{AGENT_KEY},rev:reviewer:{REVIEWER_KEY},ops:admin:{ADMIN_KEY}"
-}
-REPO = Path(__file__).resolve().parents[1]
-INTENT = "clean up old deployments"
 QUESTION = "Which deployments are old enough to clean up?"
 DATA_TASK = "Delete the data directory of the old deployments."
 IMAGES_TASK = "Prune the container images of the old deployments."
@@ -112,79 +110,7 @@ logging.getLogger("crewai.llms.base_llm").setLevel(logging.ERROR)
 # -- the collector, its policy, the model ---------------------------------------------------
 
 
-@dataclass
-class Governor:
-    collector: CollectorProcess
-    policy: Path
-    stamp: int = field(default_factory=time.time_ns)
-
-    @property
-    def url(self) -> str:
-        return self.collector.url
-
-    def get(self, path: str, **params: Any) -> Any:
-        r = httpx.get(
-            f"{self.url}{path}",
-            params=params,
-            headers={"Authorization": f"Bearer {REVIEWER_KEY}"},
-            timeout=30,
-        )
-        assert r.status_code == 200, (path, r.status_code, r.text)
-        return r.json()
-
-    def set_policy(self, **multi_agent: Any) -> None:
-        """Write the policy and have the collector re-read it now."""
-        staged = self.policy.with_suffix(".staged")
-        staged.write_text(json.dumps({"multi_agent": multi_agent}))
-        self.stamp += 1_000_000_000  # a strictly later mtime, whatever the file size
-        os.utime(staged, ns=(self.stamp, self.stamp))
-        os.replace(staged, self.policy)
-        r = httpx.post(
-            f"{self.url}/api/v1/policy/reload",
-            json={},
-            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-            timeout=30,
-        )
-        assert r.status_code == 200, r.text
-        applied = r.json()["policy"]["multi_agent"]
-        assert {k: applied[k] for k in multi_agent} == multi_agent
-
-    def decisions(self, sid: str) -> list[tuple[str, str, str]]:
-        rows = self.get(f"/api/v1/sessions/{sid}/decisions")["decisions"]
-        return [(d["phase"], d["outcome"], d["reason"]) for d in rows]
-
-    def graph(self, sid: str, agents: int) -> dict[str, Any]:
-        """The session's graph once all ``agents`` are in it with their spans."""
-
-        def ready() -> Any:
-            r = httpx.get(
-                f"{self.url}/api/v1/sessions/{sid}/graph",
-                headers={"Authorization": f"Bearer {REVIEWER_KEY}"},
-                timeout=30,
-            )
-            nodes = r.json()["nodes"] if r.status_code == 200 else []
-            return len(nodes) == agents and all(n["name"] for n in nodes) and r.json()
-
-        return dict(wait_for(ready, timeout=30))
-
-    def commands(self, sid: str, count: int) -> list[dict[str, Any]]:
-        def ready() -> Any:
-            rows = self.get(f"/api/v1/sessions/{sid}/audit")["commands"]
-            return len(rows) == count and rows
-
-        return list(wait_for(ready, timeout=30))
-
-
-@pytest.fixture(scope="module")
-def governor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Governor]:
-    base = tmp_path_factory.mktemp("crewai")
-    policy = base / "policy.yaml"
-    policy.write_text("multi_agent: {}\n")
-    c = CollectorProcess(base / "data", free_port(), free_port()).start(
-        ("--policy", str(policy)), env=KEYS
-    )
-    yield Governor(c, policy)
-    c.stop()
+governor = governor_fixture("crewai")
 
 
 #: per agent, (a text of the task, the tool calls the agent makes for it, in order, a list
@@ -194,8 +120,7 @@ PLANS: dict[str, list[tuple[str, list[ToolCall | list[ToolCall]]]]] = {}
 
 
 def script(request: dict[str, Any]) -> Reply:
-    match = re.search(r"You are (\w+)\.", system_text(request))
-    agent = match.group(1) if match else "?"
+    agent = agent_of(request)
     asked_for = "\n".join(
         str(m.get("content") or "") for m in request.get("messages", []) if m.get("role") == "user"
     )
@@ -214,11 +139,6 @@ def script(request: dict[str, Any]) -> Reply:
 def model() -> Iterator[ScriptedOpenAI]:
     with ScriptedOpenAI(script) as server:
         yield server
-
-
-def asked(server: ScriptedOpenAI, agent: str) -> list[dict[str, Any]]:
-    """The model requests made for ``agent``."""
-    return [r for r in server.requests if f"You are {agent}." in system_text(r)]
 
 
 def told(server: ScriptedOpenAI, agent: str) -> list[str]:
@@ -397,71 +317,13 @@ def report_crew(
 # -- instrumenting ----------------------------------------------------------------------------
 
 
-@dataclass
-class Governed:
-    instrumentor: CrewAIInstrumentor
-    exporter: InMemorySpanExporter
-    client: AsyncGovernorClient
-    stops: list[tuple[Any, Stopped]]
-
-    def spans(self) -> list[ReadableSpan]:
-        return list(self.exporter.get_finished_spans())
-
-    def names(self) -> list[str]:
-        return sorted(s.name for s in self.spans())
-
-
-@pytest.fixture(scope="module")
-def provider(governor: Governor) -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
-    """One tracer provider for the module (exporting to the collector, and kept in memory
-    for each test to read what was exported)."""
-    provider = make_provider(
-        governor.url, service="crewai-app", api_key=AGENT_KEY, schedule_delay_millis=50
-    )
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield provider, exporter
-    provider.shutdown()
-
-
-@pytest.fixture
-def instrument(
-    governor: Governor,
-    model: ScriptedOpenAI,
-    provider: tuple[TracerProvider, InMemorySpanExporter],
-) -> Iterator[Callable[..., Governed]]:
-    made: list[Governed] = []
-    tracer_provider, exporter = provider
-
-    def make(**options: Any) -> Governed:
-        exporter.clear()
-        client = AsyncGovernorClient(governor.url, api_key=AGENT_KEY, approval_timeout=20)
-        stops: list[tuple[Any, Stopped]] = []
-        options.setdefault("on_stop", lambda agent, stop: stops.append((agent, stop)))
-        inst = CrewAIInstrumentor()
-        inst.instrument(tracer_provider=tracer_provider, governor=client, **options)
-        made.append(Governed(inst, exporter, client, stops))
-        return made[-1]
-
-    yield make
-    for g in made:
-        if g.instrumentor.is_instrumented_by_opentelemetry:
-            g.instrumentor.uninstrument()
-        g.client.close()
-
-
-def session_of(g: Governed) -> str:
-    sids = {s.attributes.get("agentgov.session.id") for s in g.spans() if s.attributes is not None}
-    assert len(sids) == 1, sids
-    return str(next(iter(sids)))
+provider = provider_fixture("crewai-app")
+instrument = instrument_fixture(CrewAIInstrumentor)
 
 
 def named(graph: dict[str, Any]) -> tuple[set[tuple[str, str, int]], set[tuple[str, str, str]]]:
     """The graph's nodes (name, parent's name, depth) and edges (source, target, task)."""
-    names = {n["id"]: n["name"] for n in graph["nodes"]}
-    nodes = {(n["name"], names.get(n["parent_id"], ""), n["depth"]) for n in graph["nodes"]}
-    edges = {(names[e["source"]], names[e["target"]], e["task"]) for e in graph["edges"]}
-    return nodes, edges
+    return set(tree(graph["nodes"])), set(links(graph))
 
 
 HIERARCHICAL_SPANS = [
@@ -881,32 +743,11 @@ def test_approvals_wait_for_a_reviewer_or_raise(
     seen: list[tuple[str, str, str]],
 ) -> None:
     governor.set_policy(require_approval_for=["run_shell"])
-    reviewed: list[int] = []
-
-    def review() -> None:
-        headers = {"Authorization": f"Bearer {REVIEWER_KEY}"}
-
-        def pending() -> Any:
-            rows = httpx.get(
-                f"{governor.url}/api/v1/approvals", params={"status": "pending"}, headers=headers
-            ).json()["approvals"]
-            return [a for a in rows if a["request"].get("tool") == "run_shell"]
-
-        (approval,) = wait_for(pending, timeout=20)
-        r = httpx.post(
-            f"{governor.url}/api/v1/approvals/{approval['approval_id']}/approve",
-            json={"comment": "old data, fine"},
-            headers=headers,
-        )
-        reviewed.append(r.status_code)
-
     g = instrument(approvals="wait")
-    reviewer = threading.Thread(target=review)
-    reviewer.start()
+    reviewer = Reviewer(governor, comment="old data, fine").start()
     app = cleanup_crew(model, seen)
     app.kickoff()
-    reviewer.join(30)
-    assert reviewed == [200]
+    assert reviewer.join(30) == [200]
     assert [name for name, _ in app.executed] == ["list_deployments", "run_shell", "prune_images"]
     g.instrumentor.uninstrument()
 
@@ -933,60 +774,29 @@ def test_a_kill_from_the_cli_stops_a_running_crew(
 ) -> None:
     governor.set_policy()
     instrument()
-    killed: dict[str, Any] = {}
-
-    def kill_now() -> None:
-        # the tool runs in its agent's context
-        lineage = current_lineage()
-        assert lineage is not None
-        killed["sid"] = sid = lineage.session_id
-        killed["asked_before"] = len(model.requests)
-        killed["cli"] = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "agentgov.collector.cli",
-                "kill",
-                sid,
-                "--reason",
-                "wrong environment",
-                "--wait",
-                "10",
-                "--json",
-                "--url",
-                governor.url,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "AGENTGOV_API_KEY": ADMIN_KEY},
-        )
-
+    # the tool runs in its agent's context
+    killed = Kill(governor.url, lambda: len(model.requests))
     # killed while a task the crew assigned runs its tool (sequential crew), or while a
     # coworker the manager delegated to does (whose errors CrewAI turns into tool results)
     if where == "task":
-        app = report_crew(model, seen, on_list=kill_now)
+        app = report_crew(model, seen, on_list=killed.now)
     else:
-        app = cleanup_crew(model, seen, on_shell=kill_now)
+        app = cleanup_crew(model, seen, on_shell=killed.now)
     with pytest.raises(SessionKilled) as stopped:
         app.kickoff()
     assert isinstance(stopped.value, HookAborted)
     assert stopped.value.reason == "session_killed"
     assert "wrong environment" in str(stopped.value)
-    cli = killed["cli"]
-    assert cli.returncode == 0, (cli.stdout, cli.stderr)
-    answer = json.loads(cli.stdout)
-    running = [a for a in answer["agents"] if a["running_at_kill"]]
-    assert len(running) == 2 and all(a["acknowledged"] for a in running)
+    assert len(killed.acknowledged()) == 2  # the two running, each acknowledged it
     # the crew took no step after the kill: no model call, no tool, no delegation
-    assert len(model.requests) == killed["asked_before"]
+    assert len(model.requests) == killed.asked_before
     if where == "task":
         assert [name for name, _ in app.executed] == ["list_deployments"]
         assert asked(model, "writer") == []
     else:
         assert [name for name, _ in app.executed] == ["list_deployments", "run_shell"]
         assert asked(model, "cleanup_images") == []
-    assert any(p[0] == "kill" for p in governor.decisions(killed["sid"]))
+    assert any(p[0] == "kill" for p in governor.decisions(killed.sid))
 
 
 # == (d) opentelemetry-instrument runs an unmodified app =====================================
@@ -1015,26 +825,6 @@ crew = Crew(name="cleanup_crew", agents=[cleanup], process=Process.hierarchical,
 print(crew.kickoff(inputs={"request": sys.argv[1]}).raw)
 '''
 
-ENTRY_POINT = "agentgov_crewai"
-
-
-def entry_point_path(base: Path) -> list[str]:
-    """Where the subprocess finds agentgov's CrewAI entry point: the installed package's,
-    else the same declaration in a distribution of its own."""
-    found = importlib.metadata.entry_points(group="opentelemetry_instrumentor", name=ENTRY_POINT)
-    if found:
-        return []
-    dist = base / "agentgov_crewai_entry_point-0.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: agentgov-crewai-entry-point\nVersion: 0\n"
-    )
-    (dist / "entry_points.txt").write_text(
-        "[opentelemetry_instrumentor]\n"
-        f"{ENTRY_POINT} = agentgov.instrumentation.frameworks.crewai:CrewAIInstrumentor\n"
-    )
-    return [str(base)]
-
 
 def test_opentelemetry_instrument_governs_an_unmodified_app(
     governor: Governor, model: ScriptedOpenAI, tmp_path: Path
@@ -1050,50 +840,18 @@ def test_opentelemetry_instrument_governs_an_unmodified_app(
     PLANS["cleanup_data"] = [
         (DATA_TASK, [ToolCall("run_shell", {"command": "rm -rf /opt/app/data-v0"})])
     ]
-    app = tmp_path / "app.py"
-    app.write_text(UNMODIFIED)
-    intent = f"{INTENT} ({secrets.token_hex(4)})"
-    path = [*entry_point_path(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in path if p),
-        "OTEL_SERVICE_NAME": "unmodified-crew",
-        "OTEL_TRACES_EXPORTER": "otlp",
-        "OTEL_METRICS_EXPORTER": "none",
-        "OTEL_LOGS_EXPORTER": "none",
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": governor.url,
-        "OTEL_EXPORTER_OTLP_HEADERS": f"Authorization=Bearer%20{AGENT_KEY}",
-        # this test is about agentgov's CrewAI entry point: the others stay out
-        "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "crewai,openai_agents,langchain,smolagents,"
-        "autogen_agentchat,agentgov_openai_agents,agentgov_langgraph,agentgov_autogen,"
-        "agentgov_pydantic_ai,agentgov_smolagents",
-        "AGENTGOV_URL": governor.url,
-        "AGENTGOV_API_KEY": AGENT_KEY,
-        "OPENAI_API_KEY": "dummy",
-    }
-    bin_dir = Path(sys.executable).parent
-    done = subprocess.run(
-        [
-            str(bin_dir / "opentelemetry-instrument"),
-            sys.executable,
-            str(app),
-            intent,
-            model.base_url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
+    stdout, intent = run_unmodified(
+        governor,
+        "crewai",
+        UNMODIFIED,
+        tmp_path,
+        model.base_url,
+        service="unmodified-crew",
+        OPENAI_API_KEY="dummy",
     )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().endswith("planner done: cleanup_data done: removed"), done.stdout
+    assert stdout.strip().endswith("planner done: cleanup_data done: removed"), stdout
 
-    def session() -> Any:
-        rows = governor.get("/api/v1/sessions")["sessions"]
-        return next((r["session_id"] for r in rows if r["intent"] == intent), None)
-
-    sid = wait_for(session, timeout=30)
+    sid = governor.session_with(intent)
     graph = governor.graph(sid, agents=2)
     nodes, _ = named(graph)
     assert nodes == {("planner", "", 0), ("cleanup_data", "planner", 1)}
@@ -1190,16 +948,7 @@ def test_uninstrument_puts_back_every_patched_attribute(
 
 
 def test_importing_the_instrumentor_loads_no_framework() -> None:
-    code = (
-        "import sys\n"
-        "import agentgov.instrumentation.frameworks.crewai as m\n"
-        "assert m.CrewAIInstrumentor().instrumentation_dependencies()\n"
-        "print(sorted(n for n in sys.modules if n.split('.')[0] in ('crewai', 'crewai_core')))\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert done.stdout.strip() == "[]"
+    assert loaded_by_importing("crewai", "crewai", "crewai_core") == []
 
 
 # == (f) with OpenInference's instrumentor too ===============================================
@@ -1218,17 +967,10 @@ def test_with_openinference_too_the_app_works_and_every_span_is_there(
     )
 
     governor.set_policy()
-    oi_exporter = InMemorySpanExporter()
-    oi_provider = TracerProvider()
-    oi_provider.add_span_processor(SimpleSpanProcessor(oi_exporter))
-    oi = OpenInferenceInstrumentor()
-    try:
-        if first == "openinference":
-            oi.instrument(tracer_provider=oi_provider)
-            g = instrument()
-        else:
-            g = instrument()
-            oi.instrument(tracer_provider=oi_provider)
+    with alongside(OpenInferenceInstrumentor(), first, instrument, collector=governor) as (
+        g,
+        oi_exporter,
+    ):
         app = cleanup_crew(model, seen)
         result = app.kickoff()
         assert result.raw.startswith("planner done:")
@@ -1238,19 +980,12 @@ def test_with_openinference_too_the_app_works_and_every_span_is_there(
             "prune_images",
         ]
         assert g.names() == HIERARCHICAL_SPANS
-        chains = {
-            s.name: len(s.attributes["agentgov.delegation.chain"])  # type: ignore[arg-type]
-            for s in g.spans()
-            if s.attributes and "agentgov.delegation.chain" in s.attributes
-        }
-        assert chains["execute_tool run_shell"] == 2 and chains["invoke_agent planner"] == 1
+        lengths = chains(g.spans())
+        assert lengths["execute_tool run_shell"] == 2 and lengths["invoke_agent planner"] == 1
         theirs = oi_exporter.get_finished_spans()
-        kinds = {(s.attributes or {}).get("openinference.span.kind") for s in theirs}
-        assert {"CHAIN", "AGENT", "TOOL"} <= kinds  # OpenInference traced the same run
+        assert {"CHAIN", "AGENT", "TOOL"} <= span_kinds(theirs)  # OpenInference traced the run
         assert "cleanup_crew.kickoff" in {s.name for s in theirs}
-    finally:
-        oi.uninstrument()
-        oi_provider.shutdown()
+    each_agent_once(governor, g.spans())
 
 
 # == native async kickoffs, and every framework at once ======================================

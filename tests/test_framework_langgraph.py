@@ -28,16 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
 import secrets
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -54,137 +48,51 @@ from langgraph.prebuilt import InjectedState, create_react_agent
 from langgraph.pregel import Pregel
 from langgraph.types import Command
 from langgraph_supervisor import create_handoff_tool, create_supervisor
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pydantic import SecretStr
 
-from agentgov.instrumentation import AsyncGovernorClient, SessionKilled, Stopped, current_lineage
+from agentgov.instrumentation import SessionKilled, Stopped
 from agentgov.instrumentation.frameworks.langgraph import LangGraphInstrumentor
+from tests.framework_harness import (
+    INTENT,
+    Governed,
+    Governor,
+    Kill,
+    Reviewer,
+    agent_of,
+    alongside,
+    asked,
+    chains,
+    each_agent_once,
+    following,
+    governor_fixture,
+    instrument_fixture,
+    links,
+    loaded_by_importing,
+    provider_fixture,
+    run_unmodified,
+    session_of,
+    span_kinds,
+    usage,
+    with_heartbeat,
+)
 
-from .conftest import CollectorProcess, free_port, make_provider, wait_for
-from .scripted_openai import Reply, ScriptedOpenAI, ToolCall, system_text
+from .conftest import wait_for
+from .scripted_openai import ScriptedOpenAI, ToolCall
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-AGENT_KEY = "agent-" + secrets.token_hex(12)
-REVIEWER_KEY = "review-" + secrets.token_hex(12)
-ADMIN_KEY = "admin-" + secrets.token_hex(12)
-KEYS = {
-    "AGENTGOV_API_KEYS": f"bot:agent:{AGENT_KEY},rev:reviewer:{REVIEWER_KEY},ops:admin:{ADMIN_KEY}"
-}
-INTENT = "clean up old deployments"
-
-
 # -- the collector, its policy, the model ---------------------------------------------------
 
-
-@dataclass
-class Governor:
-    collector: CollectorProcess
-    policy: Path
-    stamp: int = field(default_factory=time.time_ns)
-
-    @property
-    def url(self) -> str:
-        return self.collector.url
-
-    def get(self, path: str, **params: Any) -> Any:
-        r = httpx.get(
-            f"{self.url}{path}",
-            params=params,
-            headers={"Authorization": f"Bearer {REVIEWER_KEY}"},
-            timeout=30,
-        )
-        assert r.status_code == 200, (path, r.status_code, r.text)
-        return r.json()
-
-    def set_policy(self, **multi_agent: Any) -> None:
-        """Write the policy and have the collector re-read it now."""
-        staged = self.policy.with_suffix(".staged")
-        staged.write_text(json.dumps({"multi_agent": multi_agent}))
-        self.stamp += 1_000_000_000  # a strictly later mtime, whatever the file size
-        os.utime(staged, ns=(self.stamp, self.stamp))
-        os.replace(staged, self.policy)
-        r = httpx.post(
-            f"{self.url}/api/v1/policy/reload",
-            json={},
-            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-            timeout=30,
-        )
-        assert r.status_code == 200, r.text
-        applied = r.json()["policy"]["multi_agent"]
-        assert {k: applied[k] for k in multi_agent} == multi_agent
-
-    def decisions(self, sid: str) -> list[tuple[str, str, str]]:
-        rows = self.get(f"/api/v1/sessions/{sid}/decisions")["decisions"]
-        return [(d["phase"], d["outcome"], d["reason"]) for d in rows]
-
-    def graph(self, sid: str, agents: int) -> dict[str, Any]:
-        """The session's graph once all ``agents`` are in it with their spans."""
-
-        def ready() -> Any:
-            r = httpx.get(
-                f"{self.url}/api/v1/sessions/{sid}/graph",
-                headers={"Authorization": f"Bearer {REVIEWER_KEY}"},
-                timeout=30,
-            )
-            nodes = r.json()["nodes"] if r.status_code == 200 else []
-            return len(nodes) == agents and all(n["name"] for n in nodes) and r.json()
-
-        return dict(wait_for(ready, timeout=30))
-
-    def tree(self, sid: str, agents: int) -> set[tuple[str, str, int]]:
-        """(agent, parent agent, depth) of every agent of the session's graph."""
-        nodes = self.graph(sid, agents)["nodes"]
-        names = {n["id"]: n["name"] for n in nodes}
-        assert all(n["lineage"] == "governor" and n["verified"] for n in nodes), nodes
-        return {(n["name"], names.get(n["parent_id"], ""), n["depth"]) for n in nodes}
-
-    def commands(self, sid: str, count: int) -> set[tuple[str, str, str, tuple[str, ...]]]:
-        def ready() -> Any:
-            rows = self.get(f"/api/v1/sessions/{sid}/audit")["commands"]
-            return len(rows) == count and rows
-
-        rows = wait_for(ready, timeout=30)
-        assert all(c["verified"] for c in rows), rows
-        return {(c["agent_name"], c["tool"], c["command"], tuple(c["resources"])) for c in rows}
-
-
-@pytest.fixture(scope="module")
-def governor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Governor]:
-    base = tmp_path_factory.mktemp("langgraph")
-    policy = base / "policy.yaml"
-    policy.write_text("multi_agent: {}\n")
-    c = CollectorProcess(base / "data", free_port(), free_port()).start(
-        ("--policy", str(policy)), env=KEYS
-    )
-    yield Governor(c, policy)
-    c.stop()
+governor = governor_fixture("langgraph")
 
 
 #: what each agent's model does, in order; after its plan, it answers with what it saw
 PLANS: dict[str, list[ToolCall]] = {}
 
 
-def script(request: dict[str, Any]) -> Reply:
-    match = re.search(r"You are (\w+)\.", system_text(request))
-    agent = match.group(1) if match else "?"
-    called = {
-        (c.get("function") or c).get("name")
-        for m in request.get("messages", [])
-        for c in m.get("tool_calls") or []
-    }
-    for step in PLANS.get(agent, []):
-        if step.name not in called:
-            return Reply(tool_calls=[step])
-    seen = [str(m.get("content")) for m in request["messages"] if m.get("role") == "tool"]
-    return Reply(f"{agent} done: " + " | ".join(seen))
-
-
 @pytest.fixture(scope="module")
 def model() -> Iterator[ScriptedOpenAI]:
-    with ScriptedOpenAI(script) as server:
+    with ScriptedOpenAI(following(PLANS)) as server:
         yield server
 
 
@@ -193,11 +101,6 @@ def chat_model(server: ScriptedOpenAI, loop_bound: bool = False) -> ChatOpenAI:
     for the running event loop (an async client's connections belong to one loop)."""
     extra: dict[str, Any] = {"http_async_client": httpx.AsyncClient()} if loop_bound else {}
     return ChatOpenAI(model="m", base_url=server.base_url, api_key=SecretStr("dummy"), **extra)
-
-
-def asked(server: ScriptedOpenAI, agent: str) -> list[dict[str, Any]]:
-    """The model requests made for ``agent``."""
-    return [r for r in server.requests if f"You are {agent}." in system_text(r)]
 
 
 def told(server: ScriptedOpenAI, agent: str) -> list[str]:
@@ -383,57 +286,8 @@ def build_ops(server: ScriptedOpenAI) -> App:
 # -- instrumenting ------------------------------------------------------------------------------
 
 
-@dataclass
-class Governed:
-    instrumentor: LangGraphInstrumentor
-    exporter: InMemorySpanExporter
-    client: AsyncGovernorClient
-    stops: list[tuple[Any, Stopped]]
-
-    def spans(self) -> list[ReadableSpan]:
-        return list(self.exporter.get_finished_spans())
-
-    def names(self) -> list[str]:
-        return sorted(s.name for s in self.spans())
-
-
-@pytest.fixture(scope="module")
-def provider(governor: Governor) -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
-    """One tracer provider for the module (exporting to the collector, and kept in memory
-    for each test to read what was exported)."""
-    provider = make_provider(
-        governor.url, service="langgraph-app", api_key=AGENT_KEY, schedule_delay_millis=50
-    )
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield provider, exporter
-    provider.shutdown()
-
-
-@pytest.fixture
-def instrument(
-    governor: Governor,
-    model: ScriptedOpenAI,
-    provider: tuple[TracerProvider, InMemorySpanExporter],
-) -> Iterator[Callable[..., Governed]]:
-    made: list[Governed] = []
-    tracer_provider, exporter = provider
-
-    def make(**options: Any) -> Governed:
-        exporter.clear()
-        client = AsyncGovernorClient(governor.url, api_key=AGENT_KEY, approval_timeout=20)
-        stops: list[tuple[Any, Stopped]] = []
-        options.setdefault("on_stop", lambda agent, stop: stops.append((agent, stop)))
-        inst = LangGraphInstrumentor()
-        inst.instrument(tracer_provider=tracer_provider, governor=client, **options)
-        made.append(Governed(inst, exporter, client, stops))
-        return made[-1]
-
-    yield make
-    for g in made:
-        if g.instrumentor.is_instrumented_by_opentelemetry:
-            g.instrumentor.uninstrument()
-        g.client.close()
+provider = provider_fixture("langgraph-app")
+instrument = instrument_fixture(LangGraphInstrumentor)
 
 
 def start(text: str = INTENT) -> dict[str, Any]:
@@ -456,12 +310,6 @@ def last_text(result: Any) -> str:
     return str(result["messages"][-1].content)
 
 
-def session_of(g: Governed) -> str:
-    sids = {s.attributes.get("agentgov.session.id") for s in g.spans() if s.attributes is not None}
-    assert len(sids) == 1, sids
-    return str(next(iter(sids)))
-
-
 # == (a) the graph is the run's real delegations ===============================================
 
 
@@ -479,11 +327,7 @@ def test_the_graph_is_the_runs_real_delegations(
         ("run_shell", "rm -rf /opt/app/releases/app-v1"),
     ]
     # each agent's model was asked by LangGraph in turn: the run really went this way
-    order = [
-        m.group(1)
-        for r in model.requests
-        if (m := re.search(r"You are (\w+)\.", system_text(r))) is not None
-    ]
+    order = [agent for agent in map(agent_of, model.requests) if agent != "?"]
     assert order == [
         "planner",
         "coordinator",
@@ -503,16 +347,13 @@ def test_the_graph_is_the_runs_real_delegations(
         ("cleanup_data", "coordinator", 2),
         ("reporter", "planner", 1),
     }
-    graph = governor.graph(sid, agents=4)
-    names = {n["id"]: n["name"] for n in graph["nodes"]}
-    edges = {(names[e["source"]], names[e["target"]], e["task"]) for e in graph["edges"]}
-    assert edges == {
+    assert set(links(governor.graph(sid, agents=4))) == {
         ("planner", "coordinator", INTENT),
         ("coordinator", "cleanup_data", "remove app-v1's data"),
         ("planner", "reporter", INTENT),
     }
     # each tool on the agent that called it, commands and resources from the arguments
-    assert governor.commands(sid, 2) == {
+    assert governor.audited(sid, 2) == {
         ("coordinator", "list_deployments", "/opt/app/releases", ("/opt/app/releases",)),
         ("cleanup_data", "run_shell", "rm -rf /opt/app/releases/app-v1", ()),
     }
@@ -549,12 +390,7 @@ def test_the_graph_is_the_runs_real_delegations(
         "invoke_agent reporter": "invoke_agent planner",
     }
     # token usage of each agent's own model calls (50 in, 10 out per call)
-    usage = {
-        n: (a.get("gen_ai.usage.input_tokens"), a.get("gen_ai.usage.output_tokens"))
-        for n, s in by_name.items()
-        if (a := s.attributes) is not None and n.startswith("invoke_agent")
-    }
-    assert usage == {
+    assert usage(spans) == {
         "invoke_agent planner": (150, 30),
         "invoke_agent coordinator": (150, 30),
         "invoke_agent cleanup_data": (100, 20),
@@ -603,14 +439,12 @@ def test_subgraphs_nested_agents_and_agents_in_tools_are_delegations(
         ("auditor", "triage", 2),  # an agent called inside triage's tool
         ("fixer", "ops", 1),  # an agent a node function invoked
     }
-    graph = governor.graph(sid, agents=4)
-    names = {n["id"]: n["name"] for n in graph["nodes"]}
-    assert {(names[e["source"]], names[e["target"]], e["task"]) for e in graph["edges"]} == {
+    assert set(links(governor.graph(sid, agents=4))) == {
         ("ops", "triage", "check app-v2"),
         ("triage", "auditor", "is app-v2 healthy?"),
         ("ops", "fixer", "restart app-v2"),
     }
-    assert governor.commands(sid, 2) == {
+    assert governor.audited(sid, 2) == {
         ("triage", "ask_auditor", "is app-v2 healthy?", ()),
         ("fixer", "run_shell", "systemctl restart app-v2", ()),
     }
@@ -815,58 +649,18 @@ def test_approvals_wait_for_a_reviewer_or_raise(
     governor: Governor, instrument: Callable[..., Governed], model: ScriptedOpenAI, how: str
 ) -> None:
     governor.set_policy(require_approval_for=["run_shell"])
-    reviewed: list[int] = []
-    window: list[float] = []  # while the approval was pending
-
-    headers = {"Authorization": f"Bearer {REVIEWER_KEY}"}
-
-    def pending() -> list[dict[str, Any]]:
-        rows = httpx.get(
-            f"{governor.url}/api/v1/approvals", params={"status": "pending"}, headers=headers
-        ).json()["approvals"]
-        return [a for a in rows if a["request"].get("tool") == "run_shell"]
-
-    earlier = {a["approval_id"] for a in pending()}  # other runs' requests, left pending
-
-    def review() -> None:
-        (approval,) = wait_for(
-            lambda: [a for a in pending() if a["approval_id"] not in earlier], timeout=20
-        )
-        window.append(time.monotonic())
-        time.sleep(1.0)  # the run waits meanwhile
-        window.append(time.monotonic())
-        r = httpx.post(
-            f"{governor.url}/api/v1/approvals/{approval['approval_id']}/approve",
-            json={"comment": "old release, fine"},
-            headers=headers,
-        )
-        reviewed.append(r.status_code)
-
+    reviewer = Reviewer(governor, hold=1.0)  # the run waits meanwhile
     g = instrument(approvals="wait")
-    reviewer = threading.Thread(target=review)
     reviewer.start()
     app = build(model, reporter=False, loop_bound=how == "ainvoke")
     if how == "invoke":
         result = run(app)
     else:
         # the wait holds no event loop: a task of the same loop keeps ticking through it
-        ticks: list[float] = []
-
-        async def main() -> Any:
-            async def heartbeat() -> None:
-                while True:
-                    ticks.append(time.monotonic())
-                    await asyncio.sleep(0.02)
-
-            beat = asyncio.create_task(heartbeat())
-            try:
-                return await app.graph.ainvoke(start())
-            finally:
-                beat.cancel()
-
-        result = asyncio.run(main())
-    reviewer.join(30)
+        result, ticks = with_heartbeat(lambda: app.graph.ainvoke(start()))
+    reviewed = reviewer.join(30)
     if how == "ainvoke":
+        window = reviewer.window  # while the approval was pending
         during = [t for t in ticks if window[0] < t < window[1]]
         assert len(during) >= 10, (len(during), len(ticks))
     assert reviewed == [200]
@@ -894,60 +688,29 @@ def test_a_kill_from_the_cli_stops_a_running_run(
 ) -> None:
     governor.set_policy()
     instrument()
-    killed: dict[str, Any] = {}
-
-    def kill_now() -> None:
-        # the tool runs in a worker thread, in its agent's context
-        lineage = current_lineage()
-        assert lineage is not None
-        killed["sid"] = sid = lineage.session_id
-        killed["asked_before"] = len(model.requests)
-        killed["cli"] = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "agentgov.collector.cli",
-                "kill",
-                sid,
-                "--reason",
-                "wrong environment",
-                "--wait",
-                "10",
-                "--json",
-                "--url",
-                governor.url,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "AGENTGOV_API_KEY": ADMIN_KEY},
-        )
-
+    # the tool runs in a worker thread, in its agent's context
+    killed = Kill(governor.url, lambda: len(model.requests))
     # killed while the coordinator lists (a subgraph of the run), or while cleanup_data
     # runs its command (two subgraphs down)
     if where == "nested run":
-        app = build(model, on_shell=kill_now)
+        app = build(model, on_shell=killed.now)
     else:
-        app = build(model, on_list=kill_now, loop_bound=where == "async run")
+        app = build(model, on_list=killed.now, loop_bound=where == "async run")
     with pytest.raises(SessionKilled) as stopped:
         run(app, "ainvoke" if where == "async run" else "invoke")
     assert isinstance(stopped.value, GraphBubbleUp)  # no tool error handler keeps it
     assert stopped.value.reason == "session_killed"
     assert "wrong environment" in str(stopped.value)
-    cli = killed["cli"]
-    assert cli.returncode == 0, (cli.stdout, cli.stderr)
-    answer = json.loads(cli.stdout)
-    running = {a["agent_id"]: a for a in answer["agents"] if a["running_at_kill"]}
-    assert running and all(a["acknowledged"] for a in running.values())
+    assert killed.acknowledged()  # by every agent running then
     # the run took no step after the kill: no model call, no tool, no delegation
-    assert len(model.requests) == killed["asked_before"]
+    assert len(model.requests) == killed.asked_before
     if where == "nested run":
         assert [e[0] for e in app.executed] == ["list_deployments", "run_shell"]
     else:
         assert [e[0] for e in app.executed] == ["list_deployments"]
         assert asked(model, "cleanup_data") == []
     assert asked(model, "reporter") == []
-    assert any(p[0] == "kill" for p in governor.decisions(killed["sid"]))
+    assert any(p[0] == "kill" for p in governor.decisions(killed.sid))
 
 
 # == (d) opentelemetry-instrument runs an unmodified app =======================================
@@ -974,25 +737,6 @@ app = create_supervisor(
 print(app.invoke({"messages": [("user", sys.argv[1])]})["messages"][-1].content)
 '''
 
-ENTRY_POINT = "agentgov_langgraph"
-
-
-def entry_point_path(base: Path) -> str:
-    """Where the instrumentor's entry point is found: the installed distribution's, or
-    (in a checkout installed before it was declared) the same declaration on the path."""
-    if any(ep.name == ENTRY_POINT for ep in entry_points(group="opentelemetry_instrumentor")):
-        return ""
-    dist = base / "agentgov_langgraph_entry_point-0.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: agentgov-langgraph-entry-point\nVersion: 0\n"
-    )
-    (dist / "entry_points.txt").write_text(
-        "[opentelemetry_instrumentor]\n"
-        f"{ENTRY_POINT} = agentgov.instrumentation.frameworks.langgraph:LangGraphInstrumentor\n"
-    )
-    return str(base)
-
 
 def test_opentelemetry_instrument_governs_an_unmodified_app(
     governor: Governor, model: ScriptedOpenAI, tmp_path: Path
@@ -1001,48 +745,19 @@ def test_opentelemetry_instrument_governs_an_unmodified_app(
     PLANS.clear()
     PLANS["planner"] = [ToolCall("transfer_to_cleanup_data")]
     PLANS["cleanup_data"] = [ToolCall("run_shell", {"command": "rm -rf /opt/app/releases/app-v0"})]
-    app = tmp_path / "app.py"
-    app.write_text(UNMODIFIED)
-    intent = f"{INTENT} ({secrets.token_hex(4)})"
-    extra_path = entry_point_path(tmp_path / "entry-point")
-    python_path = os.pathsep.join(p for p in (extra_path, os.environ.get("PYTHONPATH", "")) if p)
-    env = {
-        **os.environ,
-        "PYTHONPATH": python_path,
-        "OTEL_SERVICE_NAME": "unmodified-app",
-        "OTEL_TRACES_EXPORTER": "otlp",
-        "OTEL_METRICS_EXPORTER": "none",
-        "OTEL_LOGS_EXPORTER": "none",
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": governor.url,
-        "OTEL_EXPORTER_OTLP_HEADERS": f"Authorization=Bearer%20{AGENT_KEY}",
-        # this test is about agentgov's LangGraph entry point: the others stay out
-        "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "openai_agents,langchain,crewai,smolagents,"
-        "autogen_agentchat,pydantic_ai,agentgov_openai_agents,agentgov_crewai,"
-        "agentgov_autogen,agentgov_pydantic_ai,agentgov_smolagents",
-        "AGENTGOV_URL": governor.url,
-        "AGENTGOV_API_KEY": AGENT_KEY,
-        "OPENAI_BASE_URL": model.base_url,
-        "OPENAI_API_KEY": "dummy",
-    }
-    bin_dir = Path(sys.executable).parent
-    done = subprocess.run(
-        [str(bin_dir / "opentelemetry-instrument"), sys.executable, str(app), intent],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
+    stdout, intent = run_unmodified(
+        governor,
+        "langgraph",
+        UNMODIFIED,
+        tmp_path,
+        OPENAI_BASE_URL=model.base_url,
+        OPENAI_API_KEY="dummy",
     )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("planner done:"), done.stdout
+    assert stdout.startswith("planner done:"), stdout
 
-    def session() -> Any:
-        rows = governor.get("/api/v1/sessions")["sessions"]
-        return next((r["session_id"] for r in rows if r["intent"] == intent), None)
-
-    sid = wait_for(session, timeout=30)
+    sid = governor.session_with(intent)
     assert governor.tree(sid, agents=2) == {("planner", "", 0), ("cleanup_data", "planner", 1)}
-    assert governor.commands(sid, 1) == {
+    assert governor.audited(sid, 1) == {
         ("cleanup_data", "run_shell", "rm -rf /opt/app/releases/app-v0", ())
     }
     got = governor.decisions(sid)
@@ -1104,17 +819,7 @@ def test_uninstrument_puts_back_every_patched_attribute(
 
 
 def test_importing_the_instrumentor_loads_no_framework() -> None:
-    code = (
-        "import sys\n"
-        "import agentgov.instrumentation.frameworks.langgraph as m\n"
-        "m.LangGraphInstrumentor()\n"
-        "loaded = [n for n in ('langgraph', 'langchain_core', 'langchain') if n in sys.modules]\n"
-        "print(','.join(loaded))\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert done.stdout.strip() == ""
+    assert loaded_by_importing("langgraph", "langgraph", "langchain_core", "langchain") == []
 
 
 # == (f) with OpenInference's instrumentor too =================================================
@@ -1127,17 +832,10 @@ def test_with_openinference_too_the_app_works_and_every_span_is_there(
     from openinference.instrumentation.langchain import LangChainInstrumentor
 
     governor.set_policy()
-    oi_exporter = InMemorySpanExporter()
-    oi_provider = TracerProvider()
-    oi_provider.add_span_processor(SimpleSpanProcessor(oi_exporter))
-    oi = LangChainInstrumentor()
-    try:
-        if first == "openinference":
-            oi.instrument(tracer_provider=oi_provider)
-            g = instrument()
-        else:
-            g = instrument()
-            oi.instrument(tracer_provider=oi_provider)
+    with alongside(LangChainInstrumentor(), first, instrument, collector=governor) as (
+        g,
+        oi_exporter,
+    ):
         app = build(model)
         result = run(app)
         assert last_text(result).startswith("planner done")
@@ -1152,20 +850,13 @@ def test_with_openinference_too_the_app_works_and_every_span_is_there(
             "invoke_agent reporter",
             "invoke_workflow planner",
         ]
-        chains = {
-            s.name: len(s.attributes["agentgov.delegation.chain"])  # type: ignore[arg-type]
-            for s in ours
-            if s.attributes and "agentgov.delegation.chain" in s.attributes
-        }
-        assert chains["execute_tool run_shell"] == 3 and chains["invoke_agent reporter"] == 2
+        lengths = chains(ours)
+        assert lengths["execute_tool run_shell"] == 3 and lengths["invoke_agent reporter"] == 2
         theirs = oi_exporter.get_finished_spans()
-        kinds = {(s.attributes or {}).get("openinference.span.kind") for s in theirs}
-        assert {"AGENT", "TOOL", "LLM"} <= kinds  # OpenInference traced the same run
+        assert {"AGENT", "TOOL", "LLM"} <= span_kinds(theirs)  # OpenInference traced the run
         sid = session_of(g)
         assert len(governor.tree(sid, agents=4)) == 4
-    finally:
-        oi.uninstrument()
-        oi_provider.shutdown()
+    each_agent_once(governor, ours)
 
 
 # == sessions from LangGraph's threads =========================================================

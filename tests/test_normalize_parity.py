@@ -24,6 +24,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -112,12 +113,19 @@ def stored(store_path: Path, store_client: Any) -> Iterator[Stored]:
     copies = [Replay(fx, "shuffled") for fx in fixtures()]
     native, native_sid = native_session_request()
     url = f"http://127.0.0.1:{collector.config.http_port}"
-    with httpx.Client(base_url=url, timeout=60) as client:
-        for body in [native, *(b for c in copies for b in c.requests)]:
-            r = client.post(
-                "/v1/traces", content=body, headers={"Content-Type": "application/x-protobuf"}
-            )
-            assert r.status_code == 200, r.text
+
+    def send(bodies: list[bytes]) -> None:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for body in bodies:
+                r = client.post(
+                    "/v1/traces", content=body, headers={"Content-Type": "application/x-protobuf"}
+                )
+                assert r.status_code == 200, r.text
+
+    # a copy's requests in its (shuffled) order, eight copies at once: the writer commits
+    # concurrent requests together, as it does under any real load
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(send, [[native], *(c.requests for c in copies)]))
     assert collector.resolver is not None and collector.resolver.flush(120)
     assert collector.alerts is not None and collector.alerts.drain(60)
     yield Stored(collector, store_client, copies, native, native_sid, collector.rules)

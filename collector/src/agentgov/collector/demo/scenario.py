@@ -177,13 +177,15 @@ def run_agents(endpoint: str, agent_key: str, admin: CollectorClient) -> dict[st
     return out
 
 
-def main(store: str | None, http_port: int) -> None:
+def main(store: str | None, http_port: int, framework: str | None = None) -> None:
     started = time.monotonic()
     agent_key, admin_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     keys = KeyRing([("demo-agents", "agent", agent_key), ("demo-admin", "admin", admin_key)])
+    if framework is not None:
+        from agentgov.collector.demo import framework as told_by_framework
     with tempfile.TemporaryDirectory() as tmp:
         policy = Path(tmp) / "policy.yaml"
-        policy.write_text(POLICY)
+        policy.write_text(told_by_framework.POLICY if framework else POLICY)
         config = CollectorConfig(
             store=store, http_port=http_port, grpc_port=None, policy=str(policy)
         )
@@ -191,7 +193,11 @@ def main(store: str | None, http_port: int) -> None:
         endpoint = f"http://127.0.0.1:{collector.http_port}"
         api = CollectorClient(endpoint, api_key=admin_key)
         try:
-            _report(endpoint, agent_key, api, collector, started)
+            if framework is not None:
+                told_by_framework.report(endpoint, agent_key, api)
+                click.echo(f"Done in {time.monotonic() - started:.1f}s.")
+            else:
+                _report(endpoint, agent_key, api, collector, started)
         finally:
             api.close()
             collector.stop()
@@ -264,7 +270,7 @@ def _report(
         time.sleep(0.1)
     click.echo(render.alerts_table(events) + "\n")
     click.echo(f"Done in {time.monotonic() - started:.1f}s. Browse it again with:")
-    click.echo(f"  agentgov collector &   then   agentgov graph {session_id}")
+    click.echo(f"  uv run agentgov collector &   then   uv run agentgov graph {session_id}")
 
 
 if __name__ == "__main__":

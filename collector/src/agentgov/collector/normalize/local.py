@@ -157,7 +157,8 @@ class LocalFacts:
     risk_floor: int = 0
     token_id: str = ""
     proof: str = ""
-    #: what the run was asked, as text (agent and trace-root spans only)
+    #: what the run, trace root or model call was asked, as recorded (JSON or text; read
+    #: with :func:`input_text` when a session's intent is looked for)
     input: str = ""
     #: inter-agent messages recorded on the span: (time ns, from, to, injection, signals)
     messages: list[tuple[int, str, str, int, list[str]]] = field(default_factory=list)
@@ -464,7 +465,7 @@ def local_facts(s: Span) -> LocalFacts:
         token_id=g["token_id"],
         proof=g["proof"],
         # the spans sql.py keeps inputs of, alike
-        input=input_text(g["input"])
+        input=g["input"]
         if kind in ("agent", "llm") or not s.parent_id or s.scope.startswith("autogen")
         else "",
         messages=message_events(s.events),

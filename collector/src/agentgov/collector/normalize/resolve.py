@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from agentgov.collector.normalize.local import (
     LocalFacts,
     command_of,
+    input_text,
     parse_args,
     resources_of,
 )
@@ -293,9 +294,10 @@ class _Resolver:
             if mine is None or theirs is None or mine == theirs:
                 continue
             inner, outer = self.nodes[mine], self.nodes[theirs]
-            if norm(inner.name) != norm(outer.name) or (
-                inner.key.startswith("id:") and outer.key.startswith("id:")
-            ):
+            # two ids are two agents, unless one is agentgov's and the other a framework's
+            # own span of the same run (AutoGen's invoke_agent inside agentgov's)
+            both_ids = inner.key.startswith("id:") and outer.key.startswith("id:")
+            if norm(inner.name) != norm(outer.name) or (both_ids and inner.native == outer.native):
                 continue
             keep, drop = (
                 (mine, theirs)
@@ -306,6 +308,7 @@ class _Resolver:
             kept = self.nodes[keep]
             kept.invocations += self.nodes[drop].invocations
             kept.first_seen = min(kept.first_seen, self.nodes[drop].first_seen)
+        self._merge_twins(agent_spans, node_of)
         for s in list(scope_of):
             canon = self.canon(scope_of[s])
             assert canon is not None
@@ -517,6 +520,10 @@ class _Resolver:
 
         # foreign tool spans repeating an agentgov tool span around or inside them
         duplicates: set[str] = set()
+        native_tools: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for s in self.order:
+            if f[s].type == "tool" and f[s].native:
+                native_tools[(f[s].trace_id, norm(f[s].tool_name))].append(s)
         for s in self.order:
             x = f[s]
             if x.type != "tool" or x.native:
@@ -537,6 +544,13 @@ class _Resolver:
                     and norm(f[c].tool_name) == norm(x.tool_name)
                 ):
                     duplicates.add(s)
+            # or beside it: the same call of the same agent, told in a tree of its own
+            whose = self.canon(owner.get(s))
+            if s not in duplicates and whose is not None:
+                for twin in native_tools.get((x.trace_id, norm(x.tool_name)), ()):
+                    if _overlap(f[twin], x) and self.canon(owner.get(twin)) == whose:
+                        duplicates.add(s)
+                        break
 
         # usage: model calls (and agentgov's own spans) count for the agent they belong to
         for s in self.order:
@@ -595,6 +609,44 @@ class _Resolver:
             if found is not None:
                 span_node[s] = found
         return Resolution(sessions, nodes, edges, tools, sess, span_node, duplicates, self.rejected)
+
+    def _merge_twins(self, agent_spans: list[str], node_of: dict[str, Key]) -> None:
+        """One run told by agentgov and, beside it, by an instrumentation that builds a span
+        tree of its own from the framework's callbacks (OpenInference's processor for the
+        OpenAI Agents SDK parents its spans by the SDK's ids, not by the current span): a
+        foreign agent whose every invocation overlaps in time, in the same trace, an
+        invocation of the one agentgov agent of that name is that agent."""
+        f = self.f
+        runs: dict[tuple[str, str], list[tuple[str, Key]]] = defaultdict(list)
+        for s in agent_spans:
+            key = self.canon(node_of[s])
+            if f[s].native and key is not None:
+                runs[(key[0], norm(self.nodes[key].name))].append((s, key))
+        foreign: dict[Key, list[str]] = defaultdict(list)
+        for s in agent_spans:
+            key = self.canon(node_of[s])
+            if key is not None and not self.nodes[key].native:
+                foreign[key].append(s)
+        for key, spans in foreign.items():
+            candidates = runs.get((key[0], norm(self.nodes[key].name)), [])
+            twins = {
+                k
+                for s in spans
+                for t, k in candidates
+                if f[t].trace_id == f[s].trace_id and _overlap(f[t], f[s])
+            }
+            covered = all(
+                any(f[t].trace_id == f[s].trace_id and _overlap(f[t], f[s]) for t, _ in candidates)
+                for s in spans
+            )
+            if len(twins) != 1 or not covered:
+                continue  # no twin, or several agentgov agents of that name: not guessed
+            (twin,) = twins
+            self.alias[key] = twin
+            kept = self.nodes[twin]
+            kept.invocations += self.nodes[key].invocations
+            kept.first_seen = min(kept.first_seen, self.nodes[key].first_seen)
+            kept.task = kept.task or self.nodes[key].task
 
     def _unspanned_call(self, call_site: str, agent_name: str) -> tuple[str, str, str] | None:
         """(llm span, call id, tool name) of a model tool call named after ``agent_name`` in
@@ -667,17 +719,25 @@ class _Resolver:
         for s in spans:
             if self.f[s].intent:
                 return self.f[s].intent
-        for s in spans:
-            if not self.f[s].parent_id and self.f[s].input:
-                return self.f[s].input
         root = nodes.get((session, info.root))
-        for s in root.invocations if root else []:
-            if self.f[s].input:
-                return self.f[s].input
-        for s in spans:
-            if self.f[s].input:
-                return self.f[s].input
+        candidates = (
+            [s for s in spans if not self.f[s].parent_id]
+            + (root.invocations if root else [])
+            + spans
+        )
+        for s in candidates:
+            # inputs are read lazily: most spans' are never needed
+            text = input_text(self.f[s].input) if self.f[s].input else ""
+            if text:
+                return text
         return ""
+
+
+def _overlap(a: LocalFacts, b: LocalFacts) -> bool:
+    """Whether two spans ran at the same time (a span still open counts as running on)."""
+    a_end = a.end if a.end > a.start else a.start + 1
+    b_end = b.end if b.end > b.start else b.start + 1
+    return a.start < b_end and b.start < a_end
 
 
 def resolve(facts: Iterable[LocalFacts]) -> Resolution:

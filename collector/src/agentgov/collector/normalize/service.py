@@ -43,6 +43,15 @@ log = logging.getLogger(__name__)
 MAX_GROUP_TRACES = 2_000
 #: the most spans one resolution reads
 MAX_GROUP_SPANS = 100_000
+#: one pass resolves at most this many due groups, of at most this many traces in all
+MAX_PASS_GROUPS = 500
+MAX_PASS_TRACES = 5_000
+#: how long, and for how many traces, agentgov's own spans arriving after a trace's foreign
+#: ones bring the trace back for resolution: an enclosing agent span ends (and is exported)
+#: after everything inside it, and the foreign agent it describes too is merged only once
+#: it is stored (a run longer than this keeps its foreign nodes beside agentgov's)
+FOREIGN_TRACE_TTL_S = 3_600.0
+MAX_FOREIGN_TRACES = 200_000
 
 OnResolved = Callable[[list[SpanFact], float], None]
 
@@ -114,6 +123,8 @@ class TraceResolver:
         #: group -> (first change, last change, earliest arrival) not resolved yet
         self._dirty: dict[str, tuple[float, float, float]] = {}
         self._polled: set[tuple[str, int]] = set()
+        #: traces with foreign spans -> when they last had some (insertion-ordered)
+        self._foreign: dict[str, float] = {}
         self._watermark = 0
         self._version = 0
         self._client: Client | None = None
@@ -199,13 +210,36 @@ class TraceResolver:
             if not self._dirty and self._inbox.empty():
                 self._idle.set()
 
-    def _mark(self, trace: str, linked: list[str], received: float) -> None:
+    def _mark(self, trace: str, linked: list[str], received: float, foreign: bool = True) -> None:
         for other in linked:
             self._groups.union(trace, other)
         group = self._groups.find(trace)
         now = time.monotonic()
         first, _, arrived = self._dirty.get(group, (now, now, received))
         self._dirty[group] = (first, now, min(arrived, received))
+        if foreign:
+            self._foreign.pop(trace, None)
+            self._foreign[trace] = now
+            while len(self._foreign) > MAX_FOREIGN_TRACES:
+                del self._foreign[next(iter(self._foreign))]
+
+    def _mark_native(self, insert_id: str, received: float) -> None:
+        """Traces with foreign spans that this batch adds agentgov spans to: resolved again,
+        so that an agent told by both is one node (no query while no trace has foreign
+        spans: agentgov's own spans alone never need resolving)."""
+        assert self._client is not None
+        horizon = time.monotonic() - FOREIGN_TRACE_TTL_S
+        while self._foreign and next(iter(self._foreign.values())) < horizon:
+            del self._foreign[next(iter(self._foreign))]
+        if not self._foreign:
+            return
+        rows = self._client.query(
+            f"SELECT DISTINCT TraceId FROM {schema.SPANS_NATIVE} WHERE InsertId = {{i:String}}",
+            parameters={"i": insert_id},
+        ).result_rows
+        for (trace,) in rows:
+            if trace in self._foreign:
+                self._mark(trace, [], received, foreign=False)
 
     def _mark_batch(self, insert_id: str, received: float) -> None:
         assert self._client is not None
@@ -215,6 +249,7 @@ class TraceResolver:
         ).result_rows
         for trace, linked in rows:
             self._mark(trace, list(linked), received)
+        self._mark_native(insert_id, received)
         self._merge_dirty()
 
     def _poll_direct_writes(self) -> None:
@@ -255,13 +290,26 @@ class TraceResolver:
             for g, (first, last, _) in sorted(self._dirty.items())
             if everything or now - last >= self._quiet_s or now - first >= self._max_wait_s
         ]
-        for group in due:
-            _, _, arrived = self._dirty.pop(group)
-            self.resolve_group(group)
-            self.stats.lags.append(time.time() - arrived)
+        # due groups are resolved together, a pass at a time: one read, one write and one
+        # re-aggregation per pass instead of per group (a busy store has many due at once)
+        while due:
+            batch: list[str] = []
+            traces = 0
+            while due and (not batch or len(batch) < MAX_PASS_GROUPS):
+                group = due.pop(0)
+                size = len(self._groups.members(group))
+                if batch and traces + size > MAX_PASS_TRACES:
+                    due.insert(0, group)
+                    break
+                batch.append(group)
+                traces += size
+            arrived = [self._dirty.pop(g)[2] for g in batch]
+            self.resolve_groups(batch)
+            finished = time.time()
+            self.stats.lags.extend(finished - a for a in arrived)
             del self.stats.lags[:-1000]
 
-    # -- one group ---------------------------------------------------------------------------
+    # -- groups ----------------------------------------------------------------------------
 
     def _read(self, traces: set[str]) -> dict[str, LocalFacts]:
         assert self._client is not None
@@ -278,34 +326,67 @@ class TraceResolver:
 
     def resolve_group(self, group: str) -> None:
         """Resolve one trace group and write its rows (replacing the earlier ones)."""
-        traces = set(self._groups.members(group))
-        if len(traces) > MAX_GROUP_TRACES:
-            self.stats.oversized_groups += 1
-            log.warning(
-                "a group of %d traces joined by links: resolving them one by one", len(traces)
-            )
-            for trace in sorted(traces):
-                self._resolve({trace})
+        self.resolve_groups([group])
+
+    def resolve_groups(self, groups: list[str]) -> None:
+        """Resolve trace groups and write their rows (replacing the earlier ones)."""
+        members: dict[str, set[str]] = {}
+        for group in groups:
+            traces = set(self._groups.members(group))
+            if len(traces) > MAX_GROUP_TRACES:
+                self.stats.oversized_groups += 1
+                log.warning(
+                    "a group of %d traces joined by links: resolving them one by one",
+                    len(traces),
+                )
+                for trace in sorted(traces):
+                    self._write([({trace}, self._read({trace}))])
+                continue
+            members[self._groups.find(group)] = traces
+        if not members:
             return
-        facts = self._read(traces)
+        known = set().union(*members.values())
+        facts = self._read(known)
+        if len(facts) >= MAX_GROUP_SPANS and len(members) > 1:
+            for group in members:  # too many spans for one pass: a group at a time
+                self.resolve_groups([group])
+            return
         # links found in the spans themselves (a queue row may have expired): join them
         for _ in range(3):
-            linked = {t for f in facts.values() for t, _ in f.links if t} - traces
-            if not linked:
+            linked = {(f.trace_id, t) for f in facts.values() for t, _ in f.links if t}
+            if all(t in known for _, t in linked):
                 break
-            for t in linked:
-                self._groups.union(group, t)
-            traces = set(self._groups.members(group))
-            facts = self._read(traces)
-        self._resolve(traces, facts)
+            for trace, other in linked:
+                self._groups.union(trace, other)
+            members = {}
+            for trace in known:
+                root = self._groups.find(trace)
+                if root not in members:
+                    members[root] = set(self._groups.members(root))
+            grown = set().union(*members.values())
+            facts.update(self._read(grown - known))
+            known = grown
+        by_trace: dict[str, dict[str, LocalFacts]] = {}
+        for span_id, fact in facts.items():
+            by_trace.setdefault(fact.trace_id, {})[span_id] = fact
+        self._write(
+            [
+                (traces, {k: v for t in traces for k, v in by_trace.get(t, {}).items()})
+                for traces in members.values()
+            ]
+        )
 
-    def _resolve(self, traces: set[str], facts: dict[str, LocalFacts] | None = None) -> None:
+    def _write(self, groups: list[tuple[set[str], dict[str, LocalFacts]]]) -> None:
+        """Resolve each group and write all their rows at once, with deletion marks for
+        what earlier resolutions of these traces wrote and this one does not."""
         assert self._client is not None
-        facts = facts if facts is not None else self._read(traces)
-        self.stats.resolutions += 1
-        self.stats.spans += len(facts)
-        res = resolve(facts.values())
-        rows = resolved_rows(res, facts, self._rules)
+        rows: list[dict[str, Any]] = []
+        traces: set[str] = set()
+        for group_traces, facts in groups:
+            self.stats.resolutions += 1
+            self.stats.spans += len(facts)
+            rows += resolved_rows(resolve(facts.values()), facts, self._rules)
+            traces |= group_traces
         self._version = max(self._version + 1, time.time_ns())
         version = self._version
         previous = self._client.query(

@@ -17,7 +17,6 @@ from clickhouse_connect.driver.binding import format_query_value
 
 from agentgov.collector.normalize.local import (
     LocalFacts,
-    input_text,
     model_calls,
     parse_args,
     runtime_calls,
@@ -453,6 +452,6 @@ def facts_from_row(row: Sequence[Any]) -> LocalFacts:
         risk_floor=int(risk_floor),
         token_id=token_id,
         proof=proof,
-        input=input_text(raw_input),
+        input=raw_input,
         messages=[(int(at), f, t, int(inj), list(sig)) for at, f, t, inj, sig in messages],
     )

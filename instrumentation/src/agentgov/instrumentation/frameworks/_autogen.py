@@ -50,16 +50,16 @@ from opentelemetry import context as otel_context
 from opentelemetry.trace import Status, StatusCode
 
 from agentgov.instrumentation.frameworks._runtime import (
+    MISSING,
     Run,
     Runtime,
+    arelease,
+    put_back,
     stop_message,
     task_text,
 )
 from agentgov.instrumentation.governor import SessionKilled, Stopped
 from agentgov.instrumentation.spans import AgentSpan
-
-_MISSING = object()
-
 
 # -- what a run is about ------------------------------------------------------------------------
 
@@ -129,16 +129,6 @@ def _refused(tool_call: Any, stop: Stopped, extra: Any = None) -> tuple[Any, Any
     return tool_call, FunctionExecutionResult(
         content=text, call_id=tool_call.id, is_error=True, name=tool_call.name
     )
-
-
-async def _release(agent: AgentSpan) -> None:
-    """End a delegation the governor allowed but the framework never ran (so the governor
-    frees it)."""
-    try:
-        await agent.astart()
-        await agent.aend()
-    except Stopped:
-        pass  # a killed session starts nothing; the governor holds nothing for it
 
 
 def _bound(original: Any, instance: Any, owner: type) -> Callable[..., Any]:
@@ -244,7 +234,7 @@ class _State:
     def note_kill(self, kill: SessionKilled) -> None:
         self.killed = kill
         if self.run is not None:
-            self.run._stopped(kill)
+            self.run.stopped(kill)
 
     def fallback(self, framework_agent: object, stop: Stopped) -> Any:
         if self.run is not None:
@@ -257,7 +247,7 @@ class _State:
         replaces it)."""
         previous = self.pending.pop(target_name, None)
         if previous is not None:
-            await _release(previous[1])
+            await arelease(previous[1])
         self.pending[target_name] = (source, target)
 
     # -- turns of a team ----------------------------------------------------------------------
@@ -348,7 +338,7 @@ class _State:
         self.closed = True
         leftover, self.pending = list(self.pending.values()), {}
         for _, target in leftover:
-            await _release(target)
+            await arelease(target)
         if self.run is not None:
             await self.run.aclose(error)
 
@@ -422,9 +412,9 @@ class Patch:
         ]
         for owner, name, replacement in replacements:
             _dress(getattr(replacement, "__func__", replacement), owner, name)
-        #: (owner, attribute, original in the owner's own namespace or _MISSING, replacement)
+        #: (owner, attribute, original in the owner's own namespace or MISSING, replacement)
         self.patched: list[tuple[type, str, Any, Any]] = [
-            (owner, name, owner.__dict__.get(name, _MISSING), replacement)
+            (owner, name, owner.__dict__.get(name, MISSING), replacement)
             for owner, name, replacement in replacements
         ]
         self._originals = {(o, n): orig for o, n, orig, _ in self.patched}
@@ -439,16 +429,11 @@ class Patch:
         left to it; the wrapper of ours inside passes every call through from now on."""
         self.active = False
         for owner, name, original, replacement in self.patched:
-            if owner.__dict__.get(name) is not replacement:
-                continue
-            if original is _MISSING:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, original)
+            put_back(owner, name, original, replacement)
 
     def _original(self, owner: type, name: str, instance: Any, cls: type | None = None) -> Any:
         original = self._originals[(owner, name)]
-        if original is _MISSING:  # inherited: what the owner's bases give
+        if original is MISSING:  # inherited: what the owner's bases give
             return getattr(super(owner, instance), name)
         return _bound(original, instance, cls or type(instance))
 
@@ -727,7 +712,7 @@ class Patch:
         finally:
             _PENDING.reset(token)
             if not delegation.started:
-                await _release(child)
+                await arelease(child)
 
     def _check_and_handle_handoff(self) -> Callable[..., Any]:
         patch = self

@@ -40,7 +40,16 @@ from crewai.tools.agent_tools.base_agent_tools import BaseAgentTool
 from crewai.utilities.i18n import I18N_DEFAULT, get_i18n
 from opentelemetry import context as otel_context
 
-from agentgov.instrumentation.frameworks._runtime import Run, Runtime, stop_message
+from agentgov.instrumentation.frameworks._runtime import (
+    MISSING,
+    Run,
+    Runtime,
+    ends_session,
+    framework_error,
+    put_back,
+    release,
+    stop_message,
+)
 from agentgov.instrumentation.governor import SessionKilled, Stopped
 from agentgov.instrumentation.lineage import current_lineage
 from agentgov.instrumentation.spans import AgentSpan, ToolSpan
@@ -68,15 +77,7 @@ class SessionKilledByGovernor(SessionKilled, HookAborted):
 
 def crew_error(stop: Stopped) -> Stopped:
     """``stop`` as an exception CrewAI passes on unchanged (same message and fields)."""
-    if isinstance(stop, HookAborted):
-        return stop
-    cls: type[Stopped] = (
-        SessionKilledByGovernor if isinstance(stop, SessionKilled) else StoppedByGovernor
-    )
-    err = cls.__new__(cls)
-    Exception.__init__(err, *stop.args)
-    err.__dict__.update(stop.__dict__)
-    return err
+    return framework_error(stop, StoppedByGovernor, SessionKilledByGovernor)
 
 
 def _clip(text: str) -> str:
@@ -102,38 +103,30 @@ class _Governed:
         with self._lock:
             return self._ids.get((source.agent_id, id(target)))
 
-    def _took(self, source: AgentSpan, target: object, child: AgentSpan, content: str) -> AgentSpan:
+    def _took(self, source: AgentSpan, target: object, child: AgentSpan) -> AgentSpan:
         with self._lock:
             key = (source.agent_id, id(target))
             if key not in self._ids:
                 self._ids[key] = child.agent_id
                 self._held.append(target)
-        if content:
-            source.message(child.agent_id, content)
         return child
 
     def delegate(self, source: AgentSpan, target: Any, task: str, content: str) -> AgentSpan:
         """Decide a delegation by ``source`` to the CrewAI agent ``target`` (a stop raises,
         after it was noted in the run); ``content`` goes as a message (digest and score)."""
-        try:
-            child = source.delegate(
-                str(target.role), task=_clip(task), agent_id=self._known(source, target)
-            )
-        except Stopped as stop:
-            self.run._stopped(stop)
-            raise
-        return self._took(source, target, child, content)
+        known = self._known(source, target)
+        child = self.run.delegate(
+            source, str(target.role), _clip(task), agent_id=known, message=content
+        )
+        return self._took(source, target, child)
 
     async def adelegate(self, source: AgentSpan, target: Any, task: str, content: str) -> AgentSpan:
         """:meth:`delegate`, decided without holding the event loop."""
-        try:
-            child = await source.adelegate(
-                str(target.role), task=_clip(task), agent_id=self._known(source, target)
-            )
-        except Stopped as stop:
-            self.run._stopped(stop)
-            raise
-        return self._took(source, target, child, content)
+        known = self._known(source, target)
+        child = await self.run.adelegate(
+            source, str(target.role), _clip(task), agent_id=known, message=content
+        )
+        return self._took(source, target, child)
 
 
 @dataclass
@@ -340,8 +333,6 @@ def coworker_of(call: Any) -> tuple[Any, str, str] | None:
 
 # -- the patch ------------------------------------------------------------------------------
 
-_MISSING = object()
-
 
 class Patch:
     """The CrewAI attributes replaced while instrumented; :meth:`remove` puts back the
@@ -378,13 +369,13 @@ class Patch:
 
         #: (class, attribute, what its own dictionary held, replacement)
         self.patched: list[tuple[type, str, Any, Any]] = [
-            (Crew, "kickoff", Crew.__dict__.get("kickoff", _MISSING), kickoff),
-            (Crew, "akickoff", Crew.__dict__.get("akickoff", _MISSING), akickoff),
-            (Agent, "execute_task", Agent.__dict__.get("execute_task", _MISSING), execute_task),
+            (Crew, "kickoff", Crew.__dict__.get("kickoff", MISSING), kickoff),
+            (Crew, "akickoff", Crew.__dict__.get("akickoff", MISSING), akickoff),
+            (Agent, "execute_task", Agent.__dict__.get("execute_task", MISSING), execute_task),
             (
                 Agent,
                 "aexecute_task",
-                Agent.__dict__.get("aexecute_task", _MISSING),
+                Agent.__dict__.get("aexecute_task", MISSING),
                 aexecute_task,
             ),
         ]
@@ -406,12 +397,7 @@ class Patch:
         (our replacement, if they wrapped it, then passes every call through)."""
         self.active = False
         for cls, name, original, replacement in self.patched:
-            if cls.__dict__.get(name) is not replacement:
-                continue
-            if original is _MISSING:
-                delattr(cls, name)
-            else:
-                setattr(cls, name, original)
+            put_back(cls, name, original, replacement)
 
     @contextmanager
     def _hooks_in_scope(self) -> Iterator[None]:
@@ -616,8 +602,7 @@ class Patch:
         try:
             delegation.child.start()
         except SessionKilled as stop:
-            delegation.stop = stop
-            governed.run._stopped(stop)
+            delegation.stop = governed.run.stopped(stop)
             raise crew_error(stop) from None
         try:
             return self._within(governed, delegation.child, agent, task, args, True)
@@ -647,8 +632,7 @@ class Patch:
         try:
             child.start()
         except SessionKilled as stop:
-            governed.run._stopped(stop)
-            raise crew_error(stop) from None
+            raise crew_error(governed.run.stopped(stop)) from None
         return self._within(governed, child, agent, task, args, True)
 
     async def _aassigned(self, crew: _CrewRun, agent: Any, task: Any, args: tuple[Any, ...]) -> Any:
@@ -673,8 +657,7 @@ class Patch:
         try:
             await child.astart()
         except SessionKilled as stop:
-            governed.run._stopped(stop)
-            raise crew_error(stop) from None
+            raise crew_error(governed.run.stopped(stop)) from None
         return await self._awithin(governed, child, agent, task, args, True)
 
     def _standalone(self, agent: Any, task: Any, args: tuple[Any, ...]) -> Any:
@@ -741,8 +724,7 @@ class Patch:
                 span.decide()
                 call.tool = span.open()
         except SessionKilled as stop:
-            run._stopped(stop)
-            call.stop = stop
+            call.stop = run.stopped(stop)
             raise crew_error(stop) from None
         except Stopped as stop:
             call.stop = stop
@@ -770,16 +752,14 @@ class Patch:
         if delegation is not None:
             if not delegation.started:
                 # CrewAI never ran the coworker: the allowed delegation still ends, so the
-                # governor frees it
-                try:
-                    delegation.child.start()
-                    delegation.child.end()
-                except SessionKilled as killed:
-                    delegation.stop = killed
+                # governor frees it (a killed session's kill ends the call)
+                kill = release(delegation.child)
+                if kill is not None:
+                    delegation.stop = kill
         stopped = delegation.stop if delegation is not None else call.stop
         if stopped is None:
             return None
-        if isinstance(stopped, SessionKilled):
+        if ends_session(stopped):
             raise crew_error(stopped)
         if call.stand_in is not None:
             return self._stand_in(call, stopped)

@@ -29,6 +29,7 @@ import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
@@ -41,7 +42,15 @@ from langgraph.pregel import Pregel
 from langgraph.types import Command, Send
 from opentelemetry import context as otel_context
 
-from agentgov.instrumentation.frameworks._runtime import Run, Runtime, stop_message
+from agentgov.instrumentation.frameworks._runtime import (
+    Run,
+    Runtime,
+    arelease,
+    ends_session,
+    framework_error,
+    release,
+    stop_message,
+)
 from agentgov.instrumentation.governor import SessionKilled, Stopped
 from agentgov.instrumentation.spans import AgentSpan
 
@@ -68,12 +77,7 @@ class SessionKilledByGovernor(SessionKilled, GraphBubbleUp):
 
 def killed(stop: SessionKilled) -> SessionKilledByGovernor:
     """``stop`` as the exception LangGraph lets through (same message and fields)."""
-    if isinstance(stop, SessionKilledByGovernor):
-        return stop
-    err = SessionKilledByGovernor.__new__(SessionKilledByGovernor)
-    Exception.__init__(err, *stop.args)
-    err.__dict__.update(stop.__dict__)
-    return err
+    return framework_error(stop, SessionKilledByGovernor)
 
 
 # -- what a run is about --------------------------------------------------------------------
@@ -292,26 +296,30 @@ class _Activation:
     def close(self, error: BaseException | None) -> None:
         if self.root:
             for target in self.session.leftovers():
-                # allowed, never run as a graph: ended at once, so the governor frees it
-                try:
-                    target.start()
-                except Stopped:
-                    continue
-                target.end()
+                release(target)  # allowed, never run as a graph: the governor frees it
         self.run.close(error)
 
     async def aclose(self, error: BaseException | None) -> None:
         if self.root:
             for target in self.session.leftovers():
-                try:
-                    await target.astart()
-                except Stopped:
-                    continue
-                await target.aend()
+                await arelease(target)
         await self.run.aclose(error)
 
 
 _ACTING: ContextVar[_Activation | None] = ContextVar("agentgov_langgraph_acting", default=None)
+
+
+@contextmanager
+def _acting_as(acting: _Activation) -> Iterator[None]:
+    """``acting``'s context around a step of its graph run: it is the acting agent, its span
+    and lineage are current."""
+    token = _ACTING.set(acting)
+    ctx = otel_context.attach(acting.agent.context)
+    try:
+        yield
+    finally:
+        otel_context.detach(ctx)
+        _ACTING.reset(token)
 
 
 class _Start:
@@ -352,7 +360,7 @@ class _Start:
         parent = self.parent
         if isinstance(stop, SessionKilled):
             if parent is not None:
-                parent.run._stopped(stop)
+                parent.run.stopped(stop)
             raise killed(stop) from None
         if parent is None:
             raise stop
@@ -604,29 +612,22 @@ class Patch:
         error: BaseException | None = None
         try:
             while True:
-                token = _ACTING.set(acting)
-                ctx = otel_context.attach(acting.agent.context)
-                try:
-                    item = next(inner)
-                except StopIteration:
-                    break
-                finally:
-                    otel_context.detach(ctx)
-                    _ACTING.reset(token)
+                with _acting_as(acting):
+                    try:
+                        item = next(inner)
+                    except StopIteration:
+                        break
                 yield item
         except BaseException as exc:
             error = exc
             raise
         finally:
-            token = _ACTING.set(acting)
-            ctx = otel_context.attach(acting.agent.context)
             try:
                 close = getattr(inner, "close", None)
                 if close is not None:
-                    close()
+                    with _acting_as(acting):
+                        close()
             finally:
-                otel_context.detach(ctx)
-                _ACTING.reset(token)
                 if start.bound is None:  # a bound graph's agent goes on after it
                     acting.close(_failure(error))
 
@@ -643,29 +644,22 @@ class Patch:
         error: BaseException | None = None
         try:
             while True:
-                token = _ACTING.set(acting)
-                ctx = otel_context.attach(acting.agent.context)
-                try:
-                    item = await inner.__anext__()
-                except StopAsyncIteration:
-                    break
-                finally:
-                    otel_context.detach(ctx)
-                    _ACTING.reset(token)
+                with _acting_as(acting):
+                    try:
+                        item = await inner.__anext__()
+                    except StopAsyncIteration:
+                        break
                 yield item
         except BaseException as exc:
             error = exc
             raise
         finally:
-            token = _ACTING.set(acting)
-            ctx = otel_context.attach(acting.agent.context)
             try:
                 aclose = getattr(inner, "aclose", None)
                 if aclose is not None:
-                    await aclose()
+                    with _acting_as(acting):
+                        await aclose()
             finally:
-                otel_context.detach(ctx)
-                _ACTING.reset(token)
                 if start.bound is None:
                     await acting.aclose(_failure(error))
 
@@ -702,8 +696,7 @@ class Patch:
                 span = run.tool(acting.agent, tool.name, _model_arguments(tool, tool_input))
                 span.decide()
         except SessionKilled as stop:
-            run._stopped(stop)
-            raise killed(stop) from None
+            raise killed(run.stopped(stop)) from None
         except Stopped as stop:
             return self._refused(acting, tool, call_id, stop)
         if destination:
@@ -715,7 +708,7 @@ class Patch:
             result = self._run_of(tool, tool_input, *args, **kwargs)
         except BaseException as exc:
             span.close(_failure(exc))  # an interrupt in the tool is no failure
-            if isinstance(exc, Stopped) and not isinstance(exc, SessionKilled):
+            if isinstance(exc, Stopped) and not ends_session(exc):
                 # a delegation the tool made (an agent run inside it) was stopped
                 return _tool_result(stop_message(exc), tool, call_id)
             raise
@@ -741,8 +734,7 @@ class Patch:
                 span = run.tool(acting.agent, tool.name, _model_arguments(tool, tool_input))
                 await span.adecide()
         except SessionKilled as stop:
-            run._stopped(stop)
-            raise killed(stop) from None
+            raise killed(run.stopped(stop)) from None
         except Stopped as stop:
             return self._refused(acting, tool, call_id, stop)
         if destination:
@@ -753,7 +745,7 @@ class Patch:
             result = await self._arun_of(tool, tool_input, *args, **kwargs)
         except BaseException as exc:
             span.close(_failure(exc))  # an interrupt in the tool is no failure
-            if isinstance(exc, Stopped) and not isinstance(exc, SessionKilled):
+            if isinstance(exc, Stopped) and not ends_session(exc):
                 return _tool_result(stop_message(exc), tool, call_id)
             raise
         span.close()

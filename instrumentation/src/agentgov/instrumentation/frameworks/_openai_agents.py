@@ -33,6 +33,8 @@ from opentelemetry import context as otel_context
 from agentgov.instrumentation.frameworks._runtime import (
     Run,
     Runtime,
+    ends_session,
+    framework_error,
     stop_message,
     task_text,
 )
@@ -52,16 +54,7 @@ class SessionKilledByGovernor(SessionKilled, AgentsException):
 
 def sdk_error(stop: Stopped) -> Stopped:
     """``stop`` as an exception the SDK lets through unchanged (same message and fields)."""
-    if isinstance(stop, AgentsException):
-        return stop
-    cls: type[Stopped] = (
-        SessionKilledByGovernor if isinstance(stop, SessionKilled) else StoppedByGovernor
-    )
-    err = cls.__new__(cls)
-    Exception.__init__(err, *stop.args)
-    err.__dict__.update(stop.__dict__)
-    err.run_data = None  # type: ignore[attr-defined]
-    return err
+    return framework_error(stop, StoppedByGovernor, SessionKilledByGovernor, run_data=None)
 
 
 @dataclasses.dataclass
@@ -390,8 +383,7 @@ class Patch:
                 await span.adecide()
                 state.tools[id(context)] = (context, span)
         except SessionKilled as stop:
-            run._stopped(stop)
-            raise sdk_error(stop) from None
+            raise sdk_error(run.stopped(stop)) from None
         except Stopped as stop:
             run.fallback(agent, stop)
             return stop_message(stop)
@@ -417,8 +409,7 @@ class Patch:
             try:
                 await span.adecide()
             except SessionKilled as stop:
-                run._stopped(stop)
-                raise sdk_error(stop) from None
+                raise sdk_error(run.stopped(stop)) from None
             except Stopped as stop:
                 run.fallback(getattr(context, "agent", None), stop)
                 return _result(stop_message(stop))
@@ -448,9 +439,8 @@ class Patch:
             await child.astart()
             await child.aend()
         stop = delegation.stop
-        if isinstance(stop, SessionKilled):
-            run._stopped(stop)
-            raise sdk_error(stop)
+        if stop is not None and ends_session(stop):
+            raise sdk_error(run.stopped(stop))
         if stop is not None:
             # the SDK told the model "an error occurred"; say what it was
             return dataclasses.replace(
@@ -472,8 +462,7 @@ class Patch:
         try:
             target = await run.adelegate(source, str(chosen.handoff.agent_name), task)
         except SessionKilled as stop:
-            run._stopped(stop)
-            raise sdk_error(stop) from None
+            raise sdk_error(run.stopped(stop)) from None
         except Stopped as stop:
             replacement = run.fallback(public_agent, stop)
             if replacement is None:

@@ -49,7 +49,15 @@ from pydantic_ai.models import ModelRequestContext
 from pydantic_ai.run import AgentRunResult
 from pydantic_ai.tools import RunContext, ToolDefinition
 
-from agentgov.instrumentation.frameworks._runtime import Run, Runtime, stop_message
+from agentgov.instrumentation.frameworks._runtime import (
+    Run,
+    Runtime,
+    ends_session,
+    framework_error,
+    open_detached,
+    put_back,
+    stop_message,
+)
 from agentgov.instrumentation.governor import SessionKilled, Stopped
 from agentgov.instrumentation.lineage import current_lineage, with_lineage
 from agentgov.instrumentation.spans import AgentSpan, ToolSpan
@@ -74,16 +82,8 @@ class SessionKilledByGovernor(SessionKilled, AgentRunError):
 
 def run_error(stop: Stopped) -> Stopped:
     """``stop`` as an exception of Pydantic AI's kind (same message and fields)."""
-    if isinstance(stop, AgentRunError):
-        return stop
-    cls: type[Stopped] = (
-        SessionKilledByGovernor if isinstance(stop, SessionKilled) else StoppedByGovernor
-    )
-    err = cls.__new__(cls)
-    Exception.__init__(err, *stop.args)
-    err.__dict__.update(stop.__dict__)
-    err.message = str(stop.args[0]) if stop.args else ""  # type: ignore[attr-defined]
-    return err
+    message = str(stop.args[0]) if stop.args else ""
+    return framework_error(stop, StoppedByGovernor, SessionKilledByGovernor, message=message)
 
 
 @dataclasses.dataclass
@@ -300,7 +300,7 @@ class GovernedCapability(AbstractCapability[Any]):
             result = await handler(args)
         except Stopped as stop:
             _end_call(slot, stop)
-            if _ends_session(stop):
+            if ends_session(stop):
                 raise
             # a stop out of the tool's body: a delegation (or a step of it) the governor
             # refused; its caller's model is told, as for a stop of the call itself
@@ -331,24 +331,15 @@ class GovernedCapability(AbstractCapability[Any]):
         try:
             await span.adecide()
         except SessionKilled as stop:
-            run._stopped(stop)
-            raise run_error(stop) from None
+            raise run_error(run.stopped(stop)) from None
         except Stopped as stop:
             run.fallback(frame.agent, stop)
             raise ToolFailed(stop_message(stop)) from None
-        span.open()
-        # ToolSpan.open made the call current on top of its agent's context; the tool's body
-        # runs on top of the framework's current context instead (its spans, its baggage)
-        span._detach()
-        slot.span = span
+        # the tool's body runs on top of the framework's current context (its spans, its
+        # baggage), not on its agent's
+        slot.span = open_detached(span)
         slot.token = otel_context.attach(_current(span.span, frame))
         return args
-
-
-def _ends_session(stop: Stopped) -> bool:
-    """A stop of the whole session's work (a kill, the shared budget spent): it ends every
-    run it reaches, never a step's result."""
-    return isinstance(stop, SessionKilled) or stop.phase == "usage"
 
 
 def _end_call(slot: _Call, error: BaseException | None) -> None:
@@ -413,9 +404,7 @@ class Patch:
         # a run that still gets the capability (through a wrapper put over this patch) is
         # not governed; runs already going on finish as they started
         self.capability.runtime = None
-        if Agent.__dict__.get(PATCHED) is self.replacement:
-            setattr(Agent, PATCHED, self.original)
-        else:
+        if not put_back(Agent, PATCHED, self.original, self.replacement):
             log.warning(
                 "Agent.%s was replaced again since agentgov's patch: left as it is", PATCHED
             )

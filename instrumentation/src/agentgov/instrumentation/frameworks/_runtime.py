@@ -19,7 +19,13 @@ delegation whose run starts later, :meth:`Run.tool` prepares a governed tool cal
 tool's arguments, :meth:`Run.checkpoint` raises once the session was killed, and
 :meth:`Run.aclose` ends every span. A stop reaches the framework's own brake as
 :class:`~agentgov.instrumentation.governor.Stopped`; :meth:`Run.fallback` lets the app's
-``on_stop`` hook take over.
+``on_stop`` hook take over, :meth:`Run.stopped` notes a stop the run ends with.
+
+What every framework's side does the same way lives here too: :func:`framework_error` turns
+a stop into the framework's own kind of exception, :func:`ends_session` tells a stop that
+ends the whole session's work from a step's, :func:`release` (:func:`arelease`) ends an
+allowed delegation the framework never ran, :func:`open_detached` opens a tool call's span
+without making it current, and :func:`put_back` restores a patched attribute.
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ import json
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -71,6 +78,13 @@ OPTIONS = ("tracer_provider", "governor", "approvals", "approval_timeout", "on_s
 
 COMMAND_KEYS = cv.TOOL_COMMAND_ARGUMENTS
 RESOURCE_KEYS = cv.TOOL_RESOURCE_ARGUMENTS
+#: how many conversations a runtime remembers as having had their root run (the least
+#: recently seen are forgotten past it)
+CONVERSATIONS = 4096
+#: what :func:`put_back` restores for an attribute its owner did not have of its own
+MISSING: Any = object()
+
+StopT = TypeVar("StopT", bound=Stopped)
 
 
 @dataclass(frozen=True)
@@ -146,7 +160,10 @@ class Settings:
 
 def tool_facts(arguments: Any) -> tuple[str, list[str]]:
     """The command text and the resources of a tool call, from its arguments (a mapping, or
-    JSON text, or a bare string, which is then the command itself)."""
+    JSON text, or a bare string, which is then the command itself).
+
+    The argument names are the conventions' (``TOOL_COMMAND_ARGUMENTS``), the ones the
+    collector reads from foreign spans; a call's only string argument is its command too."""
     args = arguments
     if isinstance(args, bytes):
         args = args.decode("utf-8", "replace")
@@ -164,6 +181,9 @@ def tool_facts(arguments: Any) -> tuple[str, list[str]]:
         "",
     )
     if not command and len(args) == 1:
+        # a tool of one string argument is judged by it, whatever its name (the
+        # instrumentor sees the call itself; the collector, reading other instrumentations'
+        # serialized arguments, goes by the names alone)
         (only,) = args.values()
         if isinstance(only, str):
             command = only
@@ -200,6 +220,78 @@ def stop_message(stop: Stopped) -> str:
     return f"[agentgov] {stop}"
 
 
+def ends_session(stop: Stopped) -> bool:
+    """Whether ``stop`` ends the whole session's work (a kill, the shared budget spent): it
+    ends every run it reaches, never a step's result."""
+    return isinstance(stop, SessionKilled) or stop.phase == "usage"
+
+
+def framework_error(
+    stop: Stopped,
+    cls: type[StopT],
+    killed: type[StopT] | None = None,
+    *,
+    text: str | None = None,
+    **fields: Any,
+) -> StopT:
+    """``stop`` as the framework's own kind of exception: ``cls`` (or, for a session kill,
+    ``killed``), a subclass of the stop's class and of the framework's exception, with the
+    stop's message (or ``text``) and fields (and ``fields`` more). The framework's
+    ``__init__`` is not called; ``stop`` is returned as it is when it is one already."""
+    target = killed if killed is not None and isinstance(stop, SessionKilled) else cls
+    if isinstance(stop, target):
+        return stop
+    err = target.__new__(target)
+    Exception.__init__(err, *(stop.args if text is None else (text,)))
+    err.__dict__.update(stop.__dict__)
+    err.__dict__.update(fields)
+    return err
+
+
+def release(agent: AgentSpan) -> Stopped | None:
+    """End a delegation the governor allowed but the framework never ran, so the governor
+    frees it. A killed session starts nothing (the governor holds nothing for it): its
+    kill is returned."""
+    try:
+        agent.start()
+    except Stopped as stop:
+        return stop
+    agent.end()
+    return None
+
+
+async def arelease(agent: AgentSpan) -> Stopped | None:
+    """:func:`release` without holding the event loop."""
+    try:
+        await agent.astart()
+    except Stopped as stop:
+        return stop
+    await agent.aend()
+    return None
+
+
+def open_detached(span: ToolSpan) -> ToolSpan:
+    """Start a decided call's span without making it current: the context the call runs in
+    is its caller's to set (or none, for a call that runs elsewhere)."""
+    span.open()
+    span._detach()
+    return span
+
+
+def put_back(owner: Any, name: str, original: Any, replacement: Any) -> bool:
+    """Put ``original`` back as ``owner``'s attribute ``name`` (delete it when it was
+    :data:`MISSING`: the owner had none of its own) where ``replacement`` still is; False,
+    leaving it, when someone replaced it since (a wrapper of ours inside theirs then passes
+    every call through)."""
+    if vars(owner).get(name) is not replacement:
+        return False
+    if original is MISSING:
+        delattr(owner, name)
+    else:
+        setattr(owner, name, original)
+    return True
+
+
 class Runtime:
     """One instrumentor's governance: the settings, and the runs it opens."""
 
@@ -214,7 +306,8 @@ class Runtime:
         )
         self._lock = threading.Lock()
         self._carrier_taken = False
-        self._conversations: set[str] = set()
+        #: the sessions of conversations that had their root run (most recent last)
+        self._conversations: OrderedDict[str, None] = OrderedDict()
 
     @property
     def governor(self) -> GovernorClient | None:
@@ -230,7 +323,8 @@ class Runtime:
     def _session_id(self, conversation_id: str | None) -> str:
         """The session of a root run: the framework's conversation id when it fits the id
         alphabet (else a digest of it), once per process: a session has one root, so later
-        runs of the same conversation get their own session named after it."""
+        runs of the same conversation get their own session named after it. The last
+        :data:`CONVERSATIONS` conversations are remembered."""
         if not conversation_id:
             return new_session_id()
         try:
@@ -240,8 +334,11 @@ class Runtime:
             sid = f"conv-{digest[:32]}"
         with self._lock:
             if sid in self._conversations:
+                self._conversations.move_to_end(sid)
                 return f"{sid[:100]}-{new_session_id()[5:17]}"
-            self._conversations.add(sid)
+            self._conversations[sid] = None
+            if len(self._conversations) > CONVERSATIONS:
+                self._conversations.popitem(last=False)
         return sid
 
     def _env_carrier(self) -> Mapping[str, str] | None:
@@ -430,12 +527,15 @@ class Run:
             try:
                 governor.check(self.session_id)
             except SessionKilled as stop:
-                self._stopped(stop)
+                self.stopped(stop)
                 raise
 
-    def _stopped(self, stop: Stopped) -> None:
+    def stopped(self, stop: StopT) -> StopT:
+        """Note ``stop`` in :attr:`stops` (once), with no fallback: a stop the run ends with
+        (a kill, a refusal the framework raises). Returns ``stop``."""
         if not self.stops or self.stops[-1] is not stop:
             self.stops.append(stop)
+        return stop
 
     async def ahandoff(
         self,
@@ -462,30 +562,51 @@ class Run:
         target = self.delegate(source, target_name, task)
         return self.take(source, target, framework_target, ends_source)
 
-    async def adelegate(self, source: AgentSpan, target_name: str, task: str = "") -> AgentSpan:
+    async def adelegate(
+        self,
+        source: AgentSpan,
+        target_name: str,
+        task: str = "",
+        *,
+        agent_id: str | None = None,
+        message: str | None = None,
+    ) -> AgentSpan:
         """Decide a delegation by ``source`` (a stop raises, after it was noted in
-        :attr:`stops`); the task is recorded as a message to the target. The target's span
-        starts later: with :meth:`atake` for a handoff within this run, or as ``pending=`` of
+        :attr:`stops`); ``message`` (by default the task) is recorded as a message to the
+        target. ``agent_id``: the target's id from an earlier delegation by ``source`` (the
+        governor's re-delegation of the same agent). The target's span starts later: with
+        :meth:`atake` for a handoff within this run, or as ``pending=`` of
         :meth:`Runtime.aopen_run` for a run of its own."""
         try:
-            target = await source.adelegate(target_name, task=task)
+            target = await source.adelegate(target_name, task=task, agent_id=agent_id)
         except Stopped as stop:
-            self._stopped(stop)
+            self.stopped(stop)
             raise
-        if task:
-            source.message(target.agent_id, task)
+        self._told(source, target, task if message is None else message)
         return target
 
-    def delegate(self, source: AgentSpan, target_name: str, task: str = "") -> AgentSpan:
+    def delegate(
+        self,
+        source: AgentSpan,
+        target_name: str,
+        task: str = "",
+        *,
+        agent_id: str | None = None,
+        message: str | None = None,
+    ) -> AgentSpan:
         """:meth:`adelegate` for blocking code."""
         try:
-            target = source.delegate(target_name, task=task)
+            target = source.delegate(target_name, task=task, agent_id=agent_id)
         except Stopped as stop:
-            self._stopped(stop)
+            self.stopped(stop)
             raise
-        if task:
-            source.message(target.agent_id, task)
+        self._told(source, target, task if message is None else message)
         return target
+
+    @staticmethod
+    def _told(source: AgentSpan, target: AgentSpan, message: str) -> None:
+        if message:
+            source.message(target.agent_id, message)
 
     async def atake(
         self,
@@ -529,7 +650,7 @@ class Run:
     def fallback(self, framework_agent: object, stop: Stopped) -> Any:
         """Run the app's ``on_stop`` hook (with the framework's orchestrating agent); its
         answer, or None without a hook."""
-        self._stopped(stop)
+        self.stopped(stop)
         hook = self.runtime.settings.on_stop
         return hook(framework_agent, stop) if hook is not None else None
 

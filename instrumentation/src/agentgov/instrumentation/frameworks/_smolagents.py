@@ -35,9 +35,18 @@ import smolagents.local_python_executor as code_executor
 from opentelemetry import context as otel_context
 from smolagents import CodeAgent, MultiStepAgent, Tool
 from smolagents.memory import ActionStep, FinalAnswerStep, PlanningStep, ToolCall
-from smolagents.utils import AgentError, AgentExecutionError
+from smolagents.utils import AgentExecutionError
 
-from agentgov.instrumentation.frameworks._runtime import Run, Runtime, stop_message
+from agentgov.instrumentation.frameworks._runtime import (
+    Run,
+    Runtime,
+    ends_session,
+    framework_error,
+    open_detached,
+    put_back,
+    release,
+    stop_message,
+)
 from agentgov.instrumentation.governor import SessionKilled, Stopped
 from agentgov.instrumentation.spans import AgentSpan, ToolSpan
 
@@ -60,22 +69,15 @@ class SessionKilledByGovernor(SessionKilled, AgentExecutionError):
     ``run`` at the run's next step."""
 
 
-def framework_error(stop: Stopped) -> Stopped:
+def agent_error(stop: Stopped) -> Stopped:
     """``stop`` as an error smolagents handles as its own (same fields; the text the model
     is shown starts with ``[agentgov]``)."""
-    if isinstance(stop, AgentError):
-        return stop
-    cls: type[Stopped] = (
-        SessionKilledByGovernor if isinstance(stop, SessionKilled) else StoppedByGovernor
-    )
-    err = cls.__new__(cls)
     text = stop_message(stop)
-    Exception.__init__(err, text)
-    err.__dict__.update(stop.__dict__)
-    # AgentError's own field (read by ActionStep.dict); its __init__ is bypassed because it
-    # logs the error through an agent's logger, which a stop raised here does not have
-    err.message = text  # type: ignore[attr-defined]
-    return err
+    # ``message``: AgentError's own field (read by ActionStep.dict); its __init__ is not
+    # called, as it logs the error through an agent's logger, which a stop here has not
+    return framework_error(
+        stop, StoppedByGovernor, SessionKilledByGovernor, text=text, message=text
+    )
 
 
 def _kill_in(error: BaseException | None) -> SessionKilled | None:
@@ -169,18 +171,18 @@ class _State:
     def stop_or_kill(self, stop: Stopped) -> Stopped:
         """The error a stopped step raises: a kill ends the run; any other stop is the
         step's failure, after the app's ``on_stop`` hook saw it."""
-        if isinstance(stop, SessionKilled):
-            self.run._stopped(stop)
+        if ends_session(stop):
+            self.run.stopped(stop)
         else:
             self.run.fallback(self.agent, stop)
-        return framework_error(stop)
+        return agent_error(stop)
 
     def check_kill(self) -> None:
         """Raise the session's kill, if there was one."""
         try:
             self.run.checkpoint()
         except SessionKilled as stop:
-            raise framework_error(stop) from None
+            raise agent_error(stop) from None
 
     def decide_code(self, code: Any) -> Stopped | None:
         """Decide a CodeAgent's code before it runs: the error to fail its step with, or
@@ -190,11 +192,9 @@ class _State:
             span.decide()
         except Stopped as stop:
             return self.stop_or_kill(stop)
-        span.open()
-        # not left current: this runs between two items of the loop, in the app's frames
+        # not made current: this runs between two items of the loop, in the app's frames
         # (a streamed run's consumer); what the code calls is recorded on its agent
-        span._detach()
-        self.code = span
+        self.code = open_detached(span)
         return None
 
     def end_code(self, error: BaseException | None) -> None:
@@ -214,8 +214,7 @@ class _State:
             except SessionKilled as stop:
                 kill = stop
         if kill is not None:
-            self.run._stopped(kill)
-            raise framework_error(kill)
+            raise agent_error(self.run.stopped(kill))
 
     def answered(self, output: Any) -> None:
         """A managed agent's final answer goes back to its delegating agent: recorded as a
@@ -290,9 +289,8 @@ class Patch:
     def remove(self) -> None:
         self.active = False
         for owner, name, original, replacement in self.patched:
-            if vars(owner).get(name) is replacement:
-                setattr(owner, name, original)
-            else:  # wrapped again since: the wrapper stays, and ours passes calls through
+            if not put_back(owner, name, original, replacement):
+                # wrapped again since: the wrapper stays, and ours passes calls through
                 log.debug("smolagents %s.%s was patched again; left in place", owner, name)
 
     # -- runs --------------------------------------------------------------------------------
@@ -331,7 +329,7 @@ class Patch:
                     name, input_text=task, workflow_name=name, framework_agent=agent
                 )
         except Stopped as stop:
-            raise framework_error(stop) from None
+            raise agent_error(stop) from None
         assert run.first is not None
         return _State(run, agent, run.first, owner=True, reply_to=reply_to)
 
@@ -390,12 +388,11 @@ class Patch:
             try:
                 child = run.delegate(state.span, _agent_name(agent), str(task))
             except SessionKilled as stop:
-                run._stopped(stop)
-                raise framework_error(stop) from None
+                raise agent_error(run.stopped(stop)) from None
             except Stopped as stop:
                 replacement = run.fallback(state.agent, stop)
                 if not isinstance(replacement, MultiStepAgent):
-                    raise framework_error(stop) from None
+                    raise agent_error(stop) from None
                 # constrained mode: the app's agent does the task as the delegating agent
                 standing = _STAND_IN.set(_StandIn(replacement, state))
                 try:
@@ -409,7 +406,7 @@ class Patch:
             finally:
                 _PENDING.reset(token)
                 if not delegation.started:
-                    _free(child)
+                    release(child)  # its run never started: the governor frees it
 
         return call
 
@@ -443,15 +440,6 @@ class Patch:
             return result
 
         return tool_call
-
-
-def _free(child: AgentSpan) -> None:
-    """End an allowed delegation whose run never started, so the governor frees it."""
-    try:
-        child.start()
-    except Stopped:
-        return  # the session was killed meanwhile: nothing left to free
-    child.end()
 
 
 def _context_carrying(factory: Any) -> Callable[..., Any]:

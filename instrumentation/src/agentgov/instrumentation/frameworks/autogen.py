@@ -28,52 +28,20 @@ How each outcome surfaces (see docs/frameworks/autogen.md):
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from typing import Any
-
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
-
-from agentgov.instrumentation.frameworks._runtime import Runtime, Settings
-
-_INSTRUMENTS = ("autogen-agentchat >= 0.7.5, < 0.8",)
+from agentgov.instrumentation.frameworks._base import FrameworkInstrumentor
 
 
-class AutoGenInstrumentor(BaseInstrumentor):
+class AutoGenInstrumentor(FrameworkInstrumentor):
     """Traces and governs AutoGen AgentChat (teams, ``AssistantAgent``, handoffs, agents and
     teams used as tools).
 
-    ``instrument(**options)`` takes the options of
-    :class:`~agentgov.instrumentation.frameworks._runtime.Settings` (``tracer_provider``,
-    ``governor``, ``approvals``, ``approval_timeout``, ``on_stop``, ``mode``); without
-    them, the environment decides (``AGENTGOV_URL``, ``AGENTGOV_API_KEY``, ``AGENTGOV_MODE``,
-    ``AGENTGOV_APPROVALS``, ``AGENTGOV_APPROVAL_TIMEOUT``). ``on_stop(agent, stop)`` is
-    called with the AutoGen agent whose step was stopped (the team, for a stopped turn);
-    for a stopped turn, the name of a participant already in the run (or the participant)
-    it returns takes that turn; for a stopped handoff, a string it returns is added to what
-    the handing-off agent's model is told.
+    ``instrument(**options)`` takes the options of :class:`~._base.FrameworkInstrumentor`.
+    ``on_stop(agent, stop)`` is called with the AutoGen agent whose step was stopped (the
+    team, for a stopped turn); for a stopped turn, the name of a participant already in the
+    run (or the participant) it returns takes that turn; for a stopped handoff, a string it
+    returns is added to what the handing-off agent's model is told.
     """
 
-    _runtime: Runtime | None = None
-    _patch: Any = None
-
-    def instrumentation_dependencies(self) -> Collection[str]:
-        return _INSTRUMENTS
-
-    @property
-    def runtime(self) -> Runtime | None:
-        """The governance in force while instrumented (its settings, its governor)."""
-        return self._runtime
-
-    def _instrument(self, **kwargs: Any) -> None:
-        from agentgov.instrumentation.frameworks import _autogen
-
-        self._runtime = Runtime("autogen", Settings.from_kwargs(kwargs))
-        self._patch = _autogen.install(self._runtime)
-
-    def _uninstrument(self, **kwargs: Any) -> None:
-        if self._patch is not None:
-            self._patch.remove()
-        if self._runtime is not None:
-            self._runtime.close()
-        self._patch = None
-        self._runtime = None
+    framework = "autogen"
+    instruments = ("autogen-agentchat >= 0.7.5, < 0.8",)
+    machinery = "_autogen"

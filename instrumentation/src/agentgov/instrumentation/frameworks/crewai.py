@@ -29,50 +29,18 @@ How each outcome surfaces (see docs/frameworks/crewai.md):
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from typing import Any
-
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
-
-from agentgov.instrumentation.frameworks._runtime import Runtime, Settings
-
-_INSTRUMENTS = ("crewai >= 1.15, < 2",)
+from agentgov.instrumentation.frameworks._base import FrameworkInstrumentor
 
 
-class CrewAIInstrumentor(BaseInstrumentor):
+class CrewAIInstrumentor(FrameworkInstrumentor):
     """Traces and governs CrewAI crews (sequential and hierarchical).
 
-    ``instrument(**options)`` takes the options of
-    :class:`~agentgov.instrumentation.frameworks._runtime.Settings` (``tracer_provider``,
-    ``governor``, ``approvals``, ``approval_timeout``, ``on_stop``, ``mode``); without
-    them, the environment decides (``AGENTGOV_URL``, ``AGENTGOV_API_KEY``, ``AGENTGOV_MODE``,
-    ``AGENTGOV_APPROVALS``, ``AGENTGOV_APPROVAL_TIMEOUT``). ``on_stop(agent, stop)`` is
-    called with the CrewAI agent whose step was stopped (the ``Crew`` for a task it
-    assigns); for a stopped delegation or task, a ``crewai.Agent`` it returns does the
-    work in place of the one refused.
+    ``instrument(**options)`` takes the options of :class:`~._base.FrameworkInstrumentor`.
+    ``on_stop(agent, stop)`` is called with the CrewAI agent whose step was stopped (the
+    ``Crew`` for a task it assigns); for a stopped delegation or task, a ``crewai.Agent`` it
+    returns does the work in place of the one refused.
     """
 
-    _runtime: Runtime | None = None
-    _patch: Any = None
-
-    def instrumentation_dependencies(self) -> Collection[str]:
-        return _INSTRUMENTS
-
-    @property
-    def runtime(self) -> Runtime | None:
-        """The governance in force while instrumented (its settings, its governor)."""
-        return self._runtime
-
-    def _instrument(self, **kwargs: Any) -> None:
-        from agentgov.instrumentation.frameworks import _crewai
-
-        self._runtime = Runtime("crewai", Settings.from_kwargs(kwargs))
-        self._patch = _crewai.install(self._runtime)
-
-    def _uninstrument(self, **kwargs: Any) -> None:
-        if self._patch is not None:
-            self._patch.remove()
-        if self._runtime is not None:
-            self._runtime.close()
-        self._patch = None
-        self._runtime = None
+    framework = "crewai"
+    instruments = ("crewai >= 1.15, < 2",)
+    machinery = "_crewai"

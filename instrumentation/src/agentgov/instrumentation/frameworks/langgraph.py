@@ -33,49 +33,17 @@ An agent is a compiled graph with a name of its own (``create_react_agent(..., n
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from typing import Any
-
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
-
-from agentgov.instrumentation.frameworks._runtime import Runtime, Settings
-
-_INSTRUMENTS = ("langgraph >= 1.0, < 2", "langchain-core >= 1.0, < 2")
+from agentgov.instrumentation.frameworks._base import FrameworkInstrumentor
 
 
-class LangGraphInstrumentor(BaseInstrumentor):
+class LangGraphInstrumentor(FrameworkInstrumentor):
     """Traces and governs LangGraph graphs and their LangChain tools.
 
-    ``instrument(**options)`` takes the options of
-    :class:`~agentgov.instrumentation.frameworks._runtime.Settings` (``tracer_provider``,
-    ``governor``, ``approvals``, ``approval_timeout``, ``on_stop``, ``mode``); without
-    them, the environment decides (``AGENTGOV_URL``, ``AGENTGOV_API_KEY``, ``AGENTGOV_MODE``,
-    ``AGENTGOV_APPROVALS``, ``AGENTGOV_APPROVAL_TIMEOUT``). ``on_stop(graph, stop)`` is
-    called with the compiled graph of the agent whose step was stopped; what it returns is
-    described in the module's docstring.
+    ``instrument(**options)`` takes the options of :class:`~._base.FrameworkInstrumentor`.
+    ``on_stop(graph, stop)`` is called with the compiled graph of the agent whose step was
+    stopped; what it returns is described in the module's docstring.
     """
 
-    _runtime: Runtime | None = None
-    _patch: Any = None
-
-    def instrumentation_dependencies(self) -> Collection[str]:
-        return _INSTRUMENTS
-
-    @property
-    def runtime(self) -> Runtime | None:
-        """The governance in force while instrumented (its settings, its governor)."""
-        return self._runtime
-
-    def _instrument(self, **kwargs: Any) -> None:
-        from agentgov.instrumentation.frameworks import _langgraph
-
-        self._runtime = Runtime("langgraph", Settings.from_kwargs(kwargs))
-        self._patch = _langgraph.install(self._runtime)
-
-    def _uninstrument(self, **kwargs: Any) -> None:
-        if self._patch is not None:
-            self._patch.remove()
-        if self._runtime is not None:
-            self._runtime.close()
-        self._patch = None
-        self._runtime = None
+    framework = "langgraph"
+    instruments = ("langgraph >= 1.0, < 2", "langchain-core >= 1.0, < 2")
+    machinery = "_langgraph"

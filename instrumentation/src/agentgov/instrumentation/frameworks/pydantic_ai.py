@@ -26,54 +26,18 @@ How each outcome surfaces (see docs/frameworks/pydantic-ai.md):
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from typing import Any
-
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
-
-from agentgov.instrumentation.frameworks._runtime import Runtime, Settings
-
-_INSTRUMENTS = ("pydantic-ai-slim >= 2.68, < 3",)
+from agentgov.instrumentation.frameworks._base import FrameworkInstrumentor
 
 
-class PydanticAIInstrumentor(BaseInstrumentor):
+class PydanticAIInstrumentor(FrameworkInstrumentor):
     """Traces and governs Pydantic AI agents.
 
-    ``instrument(**options)`` takes the options of
-    :class:`~agentgov.instrumentation.frameworks._runtime.Settings` (``tracer_provider``,
-    ``governor``, ``approvals``, ``approval_timeout``, ``on_stop``, ``mode``); without
-    them, the environment decides (``AGENTGOV_URL``, ``AGENTGOV_API_KEY``, ``AGENTGOV_MODE``,
-    ``AGENTGOV_APPROVALS``, ``AGENTGOV_APPROVAL_TIMEOUT``). ``on_stop(agent, stop)`` is
-    called with the Pydantic AI agent whose step was stopped; for a stopped delegation, a
-    ``pydantic_ai`` agent it returns runs the delegated task in place of the refused one.
+    ``instrument(**options)`` takes the options of :class:`~._base.FrameworkInstrumentor`.
+    ``on_stop(agent, stop)`` is called with the Pydantic AI agent whose step was stopped;
+    for a stopped delegation, a ``pydantic_ai`` agent it returns runs the delegated task in
+    place of the refused one.
     """
 
-    _runtime: Runtime | None = None
-    _patch: Any = None
-
-    def instrumentation_dependencies(self) -> Collection[str]:
-        return _INSTRUMENTS
-
-    @property
-    def runtime(self) -> Runtime | None:
-        """The governance in force while instrumented (its settings, its governor)."""
-        return self._runtime
-
-    def _instrument(self, **kwargs: Any) -> None:
-        from agentgov.instrumentation.frameworks import _pydantic_ai
-
-        runtime = Runtime("pydantic-ai", Settings.from_kwargs(kwargs))
-        try:
-            self._patch = _pydantic_ai.install(runtime)
-        except BaseException:
-            runtime.close()
-            raise
-        self._runtime = runtime
-
-    def _uninstrument(self, **kwargs: Any) -> None:
-        if self._patch is not None:
-            self._patch.remove()
-        if self._runtime is not None:
-            self._runtime.close()
-        self._patch = None
-        self._runtime = None
+    framework = "pydantic-ai"
+    instruments = ("pydantic-ai-slim >= 2.68, < 3",)
+    machinery = "_pydantic_ai"
