@@ -72,8 +72,8 @@ class OtlpHttpReceiver:
             future = self.writer.submit(decoded.payload, decoded.spans, decoded.trace_ids)
         except OtlpError as exc:
             return _error(exc.status, str(exc))
-        except WriterOverloaded as exc:
-            return _error(503, str(exc), retry_after=1)
+        except WriterOverloaded as exc:  # a full queue, or the store below its free-space floor
+            return _error(503, str(exc), retry_after=exc.retry_after_s)
         except WriterClosed as exc:
             return _error(503, str(exc), retry_after=5)
         try:

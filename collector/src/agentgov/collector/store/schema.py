@@ -19,6 +19,7 @@ agentgov_edges, which read native and resolved rows alike.
 
 from __future__ import annotations
 
+import re
 from importlib import resources as importlib_resources
 from pathlib import Path
 
@@ -42,6 +43,8 @@ AGENTS_NATIVE = "agentgov_agents_native"
 AGENTS_RESOLVED = "agentgov_agents_resolved"
 TRACE_QUEUE = "agentgov_trace_queue"
 RECEIPTS = "agentgov_otlp_receipts"
+#: which writer stage holds a complete batch not yet moved into the store (see staging.py)
+STAGES = "agentgov_otlp_stages"
 
 #: the Operation of a resolved row that is only a delegation edge: a further parent of an
 #: agent whose own row names its first (a handoff back to an agent that ran before)
@@ -652,6 +655,56 @@ TTL At + INTERVAL 1 DAY
 """
 
 
+STAGES_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {STAGES} (
+    Stage String,
+    -- the batch's insert token while the stage holds it complete, '' once it was moved
+    InsertId String,
+    Digests Array(String),
+    Version UInt64
+) ENGINE = ReplacingMergeTree(Version)
+ORDER BY Stage
+"""
+
+#: the tables one OTLP insert fills through its materialized views, sources before targets
+WRITE_CHAIN = (
+    TRACES,
+    f"{TRACES}_trace_id_ts",
+    SPANS_NATIVE,
+    SESSIONS_NATIVE,
+    AGENTS_NATIVE,
+    TRACE_QUEUE,
+)
+
+_CHAIN_NAME = re.compile(
+    r"\b(?:" + "|".join(sorted((INGEST, *WRITE_CHAIN), key=len, reverse=True)) + r")(?:_mv)?\b"
+)
+
+
+def write_chain_views(rules: RiskRules) -> list[str]:
+    """The materialized views an OTLP insert runs, in dependency order."""
+    return [
+        TRACE_ID_TS_MV,
+        SESSIONS_MV,
+        AGENTS_MV,
+        native_spans_mv(rules),
+        TRACE_QUEUE_MV,
+        INGEST_MV,
+    ]
+
+
+def stage_statements(rules: RiskRules, stage: str) -> list[str]:
+    """DDL of a writer's stage: the write chain's tables (same structure, so their parts
+    can move into the real ones) and the same views between them, every name prefixed
+    with ``stage``. A batch written there reaches the store only by whole parts."""
+    tables = [f"CREATE TABLE IF NOT EXISTS {stage}_{t} AS {t}" for t in (INGEST, *WRITE_CHAIN)]
+    views = [
+        _CHAIN_NAME.sub(lambda m: f"{stage}_{m.group(0)}", view)
+        for view in write_chain_views(rules)
+    ]
+    return tables + views
+
+
 def statements(rules: RiskRules) -> list[str]:
     """All DDL, in dependency order (targets before the views that feed them)."""
     return [
@@ -676,4 +729,5 @@ def statements(rules: RiskRules) -> list[str]:
         INGEST_TABLE,
         INGEST_MV,
         RECEIPTS_TABLE,
+        STAGES_TABLE,
     ]

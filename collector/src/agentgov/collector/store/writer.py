@@ -7,20 +7,35 @@ spans out to ``otel_traces`` and the governance tables. Under light load a reque
 written at once; under heavy load blocks grow by themselves (group commit), which is what
 makes ClickHouse inserts cheap per span.
 
-Durability and retries: a request's future resolves only after its insert returned, so an
-acknowledged request is on disk. Each request is identified by a digest of its bytes; a
-receipt is written ``pending`` before the insert and ``committed`` after it. A retry of a
-committed request is acknowledged without writing; a retry of a request whose insert was
-cut off by a crash (``pending`` only) has the spans already stored removed first.
+Durability and retries: a request's future resolves only after its whole batch is in the
+store, ``otel_traces`` and every derived table alike, so an acknowledged request is on
+disk, complete. Each batch is written into the writer thread's stage first and moved into
+the store by whole parts (see staging.py): a failure anywhere in the chain of views leaves
+the store as if the batch had never been written, and a batch complete in its stage is
+only ever moved forward, also after a crash. Every failed attempt goes through that one
+path: the stage is emptied and the batch (or, when ClickHouse refused the data itself,
+each of its requests alone) is written again from the start.
+
+Each request is identified by a digest of its bytes, and its receipt is written
+``committed`` once it is in the store: a retry of a committed request is acknowledged
+without writing. Receipts left ``pending`` by versions that wrote the store directly are
+repaired at start, and their retries checked span by span.
+
+Errors are classified for the sender: storage trouble that may pass (no space, a
+read-only filesystem, too many parts, memory limits, a server that is down) is
+:class:`StoreUnavailable` (HTTP 503 / gRPC UNAVAILABLE, retry), never a refusal of the
+data; :class:`StoreRejected` is kept for ClickHouse refusing the data itself.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import queue
 import re
 import secrets
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -36,6 +51,7 @@ from agentgov.collector.risk import RiskRules
 from agentgov.collector.store import schema
 from agentgov.collector.store.connection import StoreConfig, open_client
 from agentgov.collector.store.reconcile import reconcile
+from agentgov.collector.store.staging import Stage
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +60,15 @@ PENDING, COMMITTED, REPAIRED = 1, 2, 3
 
 class WriterOverloaded(RuntimeError):
     """The write queue is full; the client should retry later (HTTP 503 / gRPC UNAVAILABLE)."""
+
+    retry_after_s = 1
+
+
+class StoreFull(WriterOverloaded):
+    """The store's free space is below the configured floor: ingest pauses until space is
+    freed (HTTP 503 / gRPC UNAVAILABLE), before the disk is full for real."""
+
+    retry_after_s = 5
 
 
 class WriterClosed(RuntimeError):
@@ -60,27 +85,73 @@ class StoreUnavailable(RuntimeError):
 
 #: ClickHouse error codes that say "not now" rather than "not this data"
 _TRANSIENT_CODES = {
+    3,  # UNEXPECTED_END_OF_FILE (a connection cut)
+    32,  # ATTEMPT_TO_READ_AFTER_EOF
+    60,  # UNKNOWN_TABLE (a table of the store went missing: the store's trouble)
+    74,  # CANNOT_READ_FROM_FILE_DESCRIPTOR
+    75,  # CANNOT_WRITE_TO_FILE_DESCRIPTOR
+    76,  # CANNOT_OPEN_FILE
+    77,  # CANNOT_CLOSE_FILE
     159,  # TIMEOUT_EXCEEDED
+    164,  # READONLY (a server started read-only, e.g. its disk went bad)
     202,  # TOO_MANY_SIMULTANEOUS_QUERIES
     209,  # SOCKET_TIMEOUT
     210,  # NETWORK_ERROR
+    236,  # ABORTED
     241,  # MEMORY_LIMIT_EXCEEDED
     242,  # TABLE_IS_READ_ONLY
     243,  # NOT_ENOUGH_SPACE
     252,  # TOO_MANY_PARTS
+    319,  # UNKNOWN_STATUS_OF_INSERT
+    394,  # QUERY_WAS_CANCELLED
     425,  # SYSTEM_ERROR
+    439,  # CANNOT_SCHEDULE_TASK
+    999,  # KEEPER_EXCEPTION
+    1000,  # POCO_EXCEPTION (network)
 }
 _CODE_RE = re.compile(r"Code: (\d+)\.")
+#: what the operating system says when storage fails, whatever code ClickHouse wraps it in
+_STORAGE_TROUBLE = re.compile(
+    r"No space left on device|Read-only file system|Disk quota exceeded|Input/output error"
+    r"|Too many open files|Cannot allocate memory|Not enough space|Cannot reserve"
+    r"|Memory limit|Too many parts|Connection refused|Connection reset|Broken pipe"
+    r"|errno: (?:5|12|23|24|28|30|32|104|111|122)\b",
+    re.IGNORECASE,
+)
+_TRANSIENT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EROFS,
+    errno.EDQUOT,
+    errno.EIO,
+    errno.ENOMEM,
+    errno.EMFILE,
+    errno.ENFILE,
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.EPIPE,
+}
 
 
 def classify(exc: BaseException) -> Exception:
-    """Turn a driver error into :class:`StoreRejected` or :class:`StoreUnavailable`."""
+    """Turn a driver error into :class:`StoreRejected` or :class:`StoreUnavailable`.
+
+    Only an error ClickHouse raises about the data itself is a refusal: anything storage
+    says (a full or read-only disk, too many parts, memory, a server down) may pass, and
+    an OTLP sender drops a refused request for good but retries an unavailable store.
+    """
+    text = str(exc).strip()
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return StoreUnavailable(f"the store is unavailable: {text[:300]}")
     if isinstance(exc, DatabaseError) and not isinstance(exc, OperationalError):
-        match = _CODE_RE.search(str(exc))
-        if match and int(match.group(1)) not in _TRANSIENT_CODES:
-            first_line = str(exc).strip().splitlines()[0][:300]
+        match = _CODE_RE.search(text)
+        if (
+            match
+            and int(match.group(1)) not in _TRANSIENT_CODES
+            and not _STORAGE_TROUBLE.search(text)
+        ):
+            first_line = text.splitlines()[0][:300]
             return StoreRejected(f"ClickHouse refused these spans: {first_line}")
-    return StoreUnavailable(f"the store is unavailable: {str(exc).strip()[:300]}")
+    return StoreUnavailable(f"the store is unavailable, retry later: {text[:300]}")
 
 
 def canonical(payload: bytes) -> bytes:
@@ -135,14 +206,33 @@ class WriterStats:
     failed_requests: int = 0
     #: wall time spent in inserts, summed over writer threads
     insert_seconds: float = 0.0
+    #: requests answered 503 before they were queued (free-space floor, full queue)
+    refused_requests: int = 0
+    #: attempts that failed for a reason that may pass (the store, not the data)
+    write_failures: int = 0
+    #: such failures since the last successful write (0: writes succeed)
+    consecutive_failures: int = 0
+    last_error: str = ""
+    last_error_at: float = 0.0
+    #: stages emptied after a failed attempt, and moves into the store that had to be retried
+    stage_cleanups: int = 0
+    move_retries: int = 0
+
+
+def default_instance(config: StoreConfig) -> str:
+    """What tells this collector's stages from another's in a shared ClickHouse server:
+    the host name (a chDB data folder has one owner, so its stages need no name)."""
+    if config.embedded:
+        return "local"
+    return hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
 
 
 class SpanWriter:
     """Group-commit writer of OTLP requests into the store.
 
-    ``threads`` writer threads (each with its own client) take batches from one queue:
-    ClickHouse runs one insert on one core, so two inserts at once use both of a small
-    machine's cores while Python decodes the next requests.
+    ``threads`` writer threads (each with its own client and stage) take batches from one
+    queue: ClickHouse runs one insert on one core, so two inserts at once use both of a
+    small machine's cores while Python decodes the next requests.
     """
 
     def __init__(
@@ -157,13 +247,23 @@ class SpanWriter:
         remembered_requests: int = 500_000,
         receipt_window_s: int = 6 * 3600,
         on_stored: Callable[[str, float], None] | None = None,
+        space_check: Callable[[], str | None] | None = None,
+        instance: str | None = None,
+        retry_backoff_s: tuple[float, float] = (0.2, 5.0),
     ) -> None:
         """``on_stored(insert_id, received_at)`` runs once per stored batch (never for a
         duplicate), after its senders were answered, with the batch's insert token (the
         ``InsertId`` of every row derived from it) and when its first request arrived; it
-        must not block."""
+        must not block.
+
+        ``space_check()`` says why ingest must pause now (the store's free space is below
+        its floor), or None; it is called for every request, so it must be cheap.
+        ``instance`` names this collector's stages in a shared server (default: from the
+        host name); ``retry_backoff_s`` bounds the waits between moves retried into a
+        failing store."""
         self._config = config
         self._on_stored = on_stored
+        self._space_check = space_check
         self._rules = rules or RiskRules.default()
         self._max_batch_bytes = max_batch_bytes
         self._linger_s = linger_s
@@ -171,6 +271,7 @@ class SpanWriter:
         self._max_queue_bytes = max_queue_bytes
         self._remembered = remembered_requests
         self._receipt_window_s = receipt_window_s
+        self._backoff = retry_backoff_s
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._queued_bytes = 0
         self._lock = threading.Lock()
@@ -182,16 +283,29 @@ class SpanWriter:
         self._thread_count = max(1, threads)
         self._clients: list[Client] = []
         self._settings = schema.ingest_settings(config.embedded)
+        name = instance if instance is not None else default_instance(config)
+        self._stages = [
+            Stage(f"agentgov_stage_{name}_{n}", self._rules, self._settings)
+            for n in range(self._thread_count)
+        ]
         self.stats = WriterStats()
 
     # -- life cycle ----------------------------------------------------------------------
 
     def start(self) -> SpanWriter:
         self._clients = [open_client(self._config) for _ in range(self._thread_count)]
-        self._load_receipts(self._clients[0])
-        for n, client in enumerate(self._clients):
+        setup = self._clients[0]
+        for stage in self._stages:
+            for digest in stage.recover(setup):
+                self._remember(digest)
+            stage.recreate(setup)
+        self._load_receipts(setup)
+        for n, (client, stage) in enumerate(zip(self._clients, self._stages, strict=True)):
             thread = threading.Thread(
-                target=self._run, args=(client,), name=f"agentgov-span-writer-{n}", daemon=True
+                target=self._run,
+                args=(client, stage),
+                name=f"agentgov-span-writer-{n}",
+                daemon=True,
             )
             thread.start()
             self._threads.append(thread)
@@ -226,6 +340,7 @@ class SpanWriter:
             if state == PENDING:
                 interrupted.append((digest, list(trace_ids)))
         if interrupted:
+            # only versions that wrote the store directly left these
             log.warning(
                 "%d OTLP requests were being written when the collector stopped: repairing "
                 "the governance tables; their retries will be checked span by span",
@@ -251,9 +366,13 @@ class SpanWriter:
         spans: int,
         trace_ids: tuple[str, ...] = (),
     ) -> Future[int]:
-        """Queue one validated request; the future gives the spans written (0: duplicate)."""
+        """Queue one validated request; the future gives the spans written (0: duplicate).
+
+        Raises :class:`StoreFull` below the free-space floor, :class:`WriterOverloaded`
+        when the queue is full and :class:`WriterClosed` while shutting down."""
         received = time.time()
         digest = request_digest(payload)
+        refusal = self._space_check() if self._space_check is not None else None
         with self._lock:
             if self._closed:
                 raise WriterClosed("the collector is shutting down; retry against another one")
@@ -266,7 +385,11 @@ class SpanWriter:
             if existing is not None:
                 self.stats.duplicates += 1
                 return existing.future
+            if refusal is not None:
+                self.stats.refused_requests += 1
+                raise StoreFull(refusal)
             if self._queued_bytes + len(payload) > self._max_queue_bytes:
+                self.stats.refused_requests += 1
                 raise WriterOverloaded(
                     "the write queue is full; retry with backoff (OTLP exporters do this)"
                 )
@@ -287,9 +410,17 @@ class SpanWriter:
             except Exception:
                 pass
 
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
     # -- the writer thread ---------------------------------------------------------------
 
-    def _run(self, client: Client) -> None:
+    def _run(self, client: Client, stage: Stage) -> None:
         stop = False
         while not stop:
             item = self._queue.get()
@@ -314,83 +445,149 @@ class SpanWriter:
                 batch.append(nxt)
                 size += len(nxt.payload)
                 spans += nxt.spans
-            self._write_batch(client, batch)
+            self._write_batch(client, stage, batch)
 
-    def _write_batch(self, client: Client, batch: list[_Item]) -> None:
+    def _write_batch(self, client: Client, stage: Stage, batch: list[_Item]) -> None:
+        """Write a batch all or nothing; answer its senders."""
         for item in batch:
             if item.digest in self._in_doubt:
-                self._drop_stored_spans(client, item)
-        try:
-            self._insert(client, batch)
-        except Exception as exc:
-            if len(batch) > 1:
-                # One bad request must not fail its neighbours: write them one by one.
-                log.warning(
-                    "batch insert failed (%s); writing its %d requests one by one", exc, len(batch)
-                )
+                try:
+                    self._drop_stored_spans(client, item)
+                except Exception as exc:
+                    self._failed(exc)
+                    self._finish(batch, classify(exc))
+                    return
+        error = self._attempt(client, stage, batch)
+        if isinstance(error, StoreRejected) and len(batch) > 1:
+            # One bad request must not fail its neighbours: nothing of the batch reached
+            # the store, so each request goes the same way again, alone.
+            log.warning(
+                "batch insert refused (%s); writing its %d requests one by one", error, len(batch)
+            )
             for item in batch:
-                self._finish(
-                    [item], self._insert_alone(client, item, exc if len(batch) == 1 else None)
-                )
+                self._write_batch(client, stage, [item])
             return
-        self._finish(batch, None)
-
-    def _insert_alone(
-        self, client: Client, item: _Item, failed: BaseException | None
-    ) -> Exception | None:
-        """Write one request after a failure; returns the error to report, if any."""
-        # whatever a failed insert left behind is checked span by span on the next try
-        with self._lock:
-            self._in_doubt.add(item.digest)
-        if failed is None:
-            try:
-                self._insert(client, [item])
-                return None
-            except Exception as exc:
-                failed = exc
-        error = classify(failed)
-        if isinstance(error, StoreRejected) and item.payload:
+        if isinstance(error, StoreRejected) and batch[0].payload:
+            # fields of a newer OTLP version ClickHouse's schema does not know: without them
+            item = batch[0]
             try:
                 fixed = canonical(item.payload)
             except Exception:
-                return error
+                fixed = item.payload
             if fixed != item.payload:
                 item.payload = fixed
-                try:
-                    self._repair(client, item)
-                    self._insert(client, [item])
-                    return None
-                except Exception as exc:
-                    return classify(exc)
-        log.warning("request not stored: %s", error)
-        return error
+                error = self._attempt(client, stage, batch)
+        if error is not None:
+            log.warning("%d requests not stored: %s", len(batch), error)
+        self._finish(batch, error)
+        if error is None:
+            self._settle(client, stage)
 
-    def _insert(self, client: Client, batch: list[_Item]) -> None:
-        started = time.perf_counter()
-        try:
-            self._insert_timed(client, batch)
-        finally:
-            elapsed = time.perf_counter() - started
-            with self._lock:
-                self.stats.insert_seconds += elapsed
-
-    def _insert_timed(self, client: Client, batch: list[_Item]) -> None:
-        pending = [[i.digest, PENDING, list(i.trace_ids)] for i in batch]
-        client.insert(schema.RECEIPTS, pending, column_names=["Digest", "State", "TraceIds"])
+    def _attempt(self, client: Client, stage: Stage, batch: list[_Item]) -> Exception | None:
+        """One try at a batch: into the stage, then (complete there) into the store.
+        Returns the classified error of a try that left the store untouched."""
+        if stage.holding:
+            # a complete batch the writer could not finish moving (it is stopping): writing
+            # another over it would lose that batch's receipts, so the next start moves it
+            return StoreUnavailable(
+                "the collector is stopping with a batch still to move; retry later"
+            )
         block = b"".join(_varint(len(i.payload)) + i.payload for i in batch if i.payload)
         insert_id = secrets.token_hex(12)
-        if block:
-            # the views stamp every row they derive with this token (InsertId), so the
-            # batch's rows can be read back at once, and only them
-            settings = {**self._settings, "insert_deduplication_token": insert_id}
-            client.raw_insert(schema.INGEST, insert_block=block, fmt="Protobuf", settings=settings)
+        started = time.perf_counter()
+        try:
+            stage.write(client, block, insert_id, [i.digest for i in batch])
+        except Exception as exc:
+            self._failed(exc)
+            self._clean(client, stage)
+            return classify(exc)
+        finally:
+            self._timed(started)
+        # complete in the stage: from here the batch only moves forward
+        try:
+            self._move(client, stage)
+        except Exception as exc:
+            # only when stopping mid-move: the next start finishes the move and commits
+            # the receipts, so the senders' retries are then answered as duplicates
+            return StoreUnavailable(f"the collector stopped while storing these spans: {exc}")
         for i in batch:
             i.insert_id = insert_id
-        client.insert(
-            schema.RECEIPTS,
-            [[i.digest, COMMITTED, []] for i in batch],
-            column_names=["Digest", "State", "TraceIds"],
-        )
+        return None
+
+    def _move(self, client: Client, stage: Stage) -> None:
+        """Move the stage's batch into the store, retrying until it is there (a crash
+        meanwhile leaves it to the next start, which finishes the move)."""
+        delay = self._backoff[0]
+        while True:
+            started = time.perf_counter()
+            try:
+                stage.move(client)
+                break
+            except Exception as exc:
+                self._failed(exc)
+                with self._lock:
+                    self.stats.move_retries += 1
+                    closing = self._closed
+                if closing:
+                    log.error(
+                        "stopping with a batch left in stage %s: the next start moves it",
+                        stage.prefix,
+                    )
+                    raise
+                log.warning("moving a complete batch into the store failed, retrying: %s", exc)
+                time.sleep(delay)
+                delay = min(delay * 2, self._backoff[1])
+            finally:
+                self._timed(started)
+
+    def _settle(self, client: Client, stage: Stage) -> None:
+        """Receipts of the moved batch, and the stage marked free. The senders were
+        answered already: until this succeeds, the marker keeps the batch's receipts due
+        (a restart writes them), and the writer tries again before its next batch."""
+        delay = self._backoff[0]
+        while stage.holding:
+            try:
+                stage.settle(client)
+            except Exception as exc:
+                self._failed(exc)
+                if self._closed:
+                    log.error(
+                        "stopping with receipts due in stage %s: the next start writes them",
+                        stage.prefix,
+                    )
+                    return
+                log.warning("writing receipts of a stored batch failed, retrying: %s", exc)
+                time.sleep(delay)
+                delay = min(delay * 2, self._backoff[1])
+
+    def _clean(self, client: Client, stage: Stage) -> None:
+        """Empty the stage after a failed try; if that fails too, the next try does it."""
+        with self._lock:
+            self.stats.stage_cleanups += 1
+        try:
+            stage.clean(client)
+        except Exception as exc:
+            log.warning(
+                "emptying stage %s failed (tried again before the next batch): %s",
+                stage.prefix,
+                exc,
+            )
+
+    def _timed(self, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        with self._lock:
+            self.stats.insert_seconds += elapsed
+
+    def _failed(self, exc: BaseException) -> None:
+        if isinstance(classify(exc), StoreRejected):
+            return  # the data's fault, not the store's
+        with self._lock:
+            self.stats.write_failures += 1
+            self.stats.consecutive_failures += 1
+            self.stats.last_error = (
+                str(exc).strip().splitlines()[0][:300] if str(exc) else repr(exc)
+            )
+            self.stats.last_error_at = time.time()
 
     def _finish(self, batch: list[_Item], exc: BaseException | None) -> None:
         written = 0
@@ -406,6 +603,7 @@ class SpanWriter:
                 self.stats.requests += len(batch)
                 self.stats.spans += written
                 self.stats.batches += 1
+                self.stats.consecutive_failures = 0
             else:
                 self.stats.failed_requests += len(batch)
         for item in batch:
@@ -421,11 +619,6 @@ class SpanWriter:
                     self._on_stored(insert_id, received)
                 except Exception:
                     log.exception("a stored-spans observer failed")
-
-    def _repair(self, client: Client, item: _Item) -> None:
-        """After a failed insert: fix derived tables, then keep only spans not yet stored."""
-        reconcile(client, self._rules, item.trace_ids)
-        self._drop_stored_spans(client, item)
 
     def _drop_stored_spans(self, client: Client, item: _Item) -> None:
         """Remove from ``item`` the spans a crashed earlier attempt already stored."""
