@@ -27,6 +27,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "events": frozenset({"agent", "reviewer", "admin"}),  # control-event streams
     "approve": frozenset({"reviewer", "admin"}),  # approve, deny, list approvals
     "read": frozenset({"agent", "reviewer", "admin"}),  # query API, approvals, audit
+    # replaying stored sessions under a candidate policy: reviewers try one before it is
+    # enforced; it costs the collector CPU, so agents may not
+    "simulate": frozenset({"reviewer", "admin"}),
     "kill": frozenset({"admin"}),
     "policy": frozenset({"admin"}),
 }
@@ -67,6 +70,9 @@ class KeyRing:
     @property
     def enabled(self) -> bool:
         return bool(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     @classmethod
     def from_env(cls, value: str | None = None) -> KeyRing:
@@ -119,7 +125,11 @@ class KeyRing:
         if not self.enabled:
             return None
         if not authorization or not authorization.lower().startswith("bearer "):
-            raise AuthError(401, "missing API key: send 'Authorization: Bearer <key>'")
+            raise AuthError(
+                401,
+                "missing API key: set AGENTGOV_API_KEY to one of the collector's keys "
+                "(AGENTGOV_API_KEYS); the CLI and the SDK send it as 'Authorization: Bearer <key>'",
+            )
         presented = authorization[7:].strip().encode()
         found: Caller | None = None
         for name, role, key in self._entries:
@@ -127,7 +137,11 @@ class KeyRing:
             if hmac.compare_digest(presented, key):
                 found = Caller(name, role)
         if found is None:
-            raise AuthError(401, "unknown API key")
+            raise AuthError(
+                401,
+                "unknown API key: AGENTGOV_API_KEY must be one of the keys in the collector's "
+                "AGENTGOV_API_KEYS (or --api-keys file)",
+            )
         return found
 
     def authorize(self, authorization: str | None, action: str) -> Caller | None:
@@ -135,6 +149,8 @@ class KeyRing:
         if caller is not None and caller.role not in ALLOWED[action]:
             allowed = " or ".join(sorted(ALLOWED[action]))
             raise AuthError(
-                403, f"the {caller.role} key {caller.name!r} may not {action}: needs {allowed}"
+                403,
+                f"the {caller.role} key {caller.name!r} may not {action}: needs {allowed}; "
+                f"set AGENTGOV_API_KEY to a key with that role",
             )
         return caller

@@ -203,6 +203,23 @@ class RiskRules:
                 hits.append(rule.name)
         return RiskAssessment(min(100, total), tuple(hits))
 
+    def matched_by_any(self, commands: Sequence[str], resources: Sequence[str]) -> set[str]:
+        """Names of the rules whose ``command`` pattern matches one of ``commands`` or whose
+        ``resources`` pattern matches one of ``resources``: the rules a set of capabilities
+        (a plan's tools and targets) can trigger, rather than one command."""
+        texts = [normalize(c) for c in commands]
+        targets = [normalize(r) for r in resources]
+        return {
+            rule.name
+            for rule, cmd_re, res_re in self._compiled
+            if (cmd_re is not None and any(cmd_re.search(t) for t in texts))
+            or (res_re is not None and any(res_re.search(t) for t in targets))
+        }
+
+    def score_of(self, names: set[str] | Sequence[str]) -> int:
+        """The score of a set of matched rules, as for a command: their sum, capped at 100."""
+        return min(100, sum(r.score for r in self.rules if r.name in names))
+
     def _condition(self, rule: RiskRule, command: str, resources: str) -> str:
         parts = []
         if rule.command:

@@ -228,4 +228,5 @@ def decision_fields(record: Record, chain: Sequence[str] = ()) -> dict[str, Any]
         "command": str(d.get("command", "")),
         "risk": _int(d.get("risk", 0)),
         "chain": list(chain) or [a for a in (record.from_agent, record.to_agent) if a],
+        "drift": [str(x) for x in d.get("drift") or ()],
     }

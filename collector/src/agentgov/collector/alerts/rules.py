@@ -30,7 +30,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agentgov.collector.risk import compile_re2
-from agentgov.collector.validation import problems
+from agentgov.collector.store import schema
+from agentgov.collector.validation import did_you_mean, error_lines, problems, yaml_line
 
 Source = Literal["session", "span", "decision", "sql"]
 Op = Literal[
@@ -109,6 +110,8 @@ FIELDS: dict[str, dict[str, str]] = {
         "command": TEXT,
         "risk": NUM,
         "chain": LIST,
+        #: what the step touched that the session's plan did not name ("tool: kubectl")
+        "drift": LIST,
     },
 }
 
@@ -178,43 +181,124 @@ class AlertRule(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> AlertRule:
-        if self.source == "sql":
-            if not self.sql or not re.match(r"^\s*(SELECT|WITH)\b", self.sql, re.I):
-                raise ValueError("a 'sql' rule needs 'sql': one SELECT returning session_id")
-            if self.when:
-                raise ValueError("a 'sql' rule filters in its query: remove 'when'")
-            return self
-        if self.sql is not None:
-            raise ValueError(f"'sql' belongs to rules with source: sql, not source: {self.source}")
-        if not self.when:
-            raise ValueError("add at least one condition under 'when'")
-        fields = FIELDS[self.source]
-        for i, cond in enumerate(self.when):
-            kind = fields.get(cond.field)
-            if kind is None:
-                raise ValueError(
-                    f"when[{i}].field {cond.field!r} is not a field of source: {self.source}; "
-                    f"use one of: {', '.join(sorted(fields))}"
-                )
-            if cond.op not in _OPS_FOR[kind]:
-                raise ValueError(
-                    f"when[{i}]: op {cond.op!r} does not apply to {kind} field {cond.field!r}; "
-                    f"use one of: {', '.join(sorted(_OPS_FOR[kind]))}"
-                )
-            if kind == NUM and not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool)
-                for v in (cond.value if isinstance(cond.value, list) else [cond.value])
-            ):
-                raise ValueError(f"when[{i}]: {cond.field!r} is a number; compare it to numbers")
-            if kind == FLAG and not isinstance(cond.value, bool):
-                raise ValueError(f"when[{i}]: {cond.field!r} is true or false")
-        for name in template_fields(self.message):
+        found = consistency_problems(
+            self.source, self.sql, [(c.field, c.op, c.value) for c in self.when], self.message
+        )
+        if found:
+            raise ValueError("\n".join(found))  # every problem, one line each
+        return self
+
+
+#: the tables a ``sql`` rule may read: the store's and the governor's and the alerts' own
+KNOWN_TABLES = frozenset(
+    {
+        schema.TRACES,
+        schema.SPANS,
+        schema.SESSIONS,
+        schema.AGENTS,
+        schema.EDGES,
+        schema.SPANS_NATIVE,
+        schema.SPANS_RESOLVED,
+        schema.SESSIONS_NATIVE,
+        schema.SESSIONS_RESOLVED,
+        schema.AGENTS_NATIVE,
+        schema.AGENTS_RESOLVED,
+        "agentgov_decisions",
+        "agentgov_alerts",
+    }
+)
+
+
+def sql_table_problems(sql: str) -> list[str]:
+    """Tables a rule's query reads that do not exist, found before it ever runs (a
+    misspelled table would otherwise fail every interval, silently). Names defined in the
+    query itself (``WITH x AS (...)``), table functions and ``system.*`` pass."""
+    defined = {m.lower() for m in re.findall(r"\b([A-Za-z_]\w*)\s+AS\s*\(", sql, re.I)}
+    found = []
+    for name, call in re.findall(r"\b(?:FROM|JOIN)\s+([A-Za-z_][\w.]*)\s*(\(?)", sql, re.I):
+        if call or name.lower() in defined or name.lower().startswith("system."):
+            continue
+        if name not in KNOWN_TABLES and name not in found:
+            found.append(name)
+    return [
+        f"sql reads table {name!r}, which does not exist; "
+        + (did_you_mean(name, sorted(KNOWN_TABLES)) or "")
+        for name in found
+    ]
+
+
+def consistency_problems(
+    source: str, sql: str | None, when: Sequence[tuple[Any, Any, Any]], message: str | None
+) -> list[str]:
+    """Every problem between a rule's fields (source, conditions, sql, message template),
+    all at once: a file is fixed in one round, not one error at a time."""
+    found: list[str] = []
+    if source == "sql":
+        if not sql or not re.match(r"^\s*(SELECT|WITH)\b", sql, re.I):
+            found.append("a 'sql' rule needs 'sql': one SELECT returning session_id")
+        else:
+            found.extend(sql_table_problems(sql))
+        if when:
+            found.append("a 'sql' rule filters in its query: remove 'when'")
+        return found
+    if sql is not None:
+        found.append(f"'sql' belongs to rules with source: sql, not source: {source}")
+    if not when:
+        found.append("add at least one condition under 'when'")
+    fields = FIELDS.get(source, {})
+    for i, (name, op, value) in enumerate(when):
+        kind = fields.get(str(name))
+        if kind is None:
+            found.append(
+                f"when[{i}].field {name!r} is not a field of source: {source}; "
+                + (did_you_mean(str(name), sorted(fields)) or "")
+            )
+            continue
+        if op is not None and op not in _OPS_FOR[kind]:
+            found.append(
+                f"when[{i}]: op {op!r} does not apply to {kind} field {name!r}; "
+                f"use one of: {', '.join(sorted(_OPS_FOR[kind]))}"
+            )
+        if kind == NUM and not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool)
+            for v in (value if isinstance(value, list) else [value])
+        ):
+            found.append(f"when[{i}]: {name!r} is a number; compare it to numbers")
+        if kind == FLAG and not isinstance(value, bool):
+            found.append(f"when[{i}]: {name!r} is true or false")
+    if isinstance(message, str):
+        try:
+            names = template_fields(message)
+        except ValueError as exc:
+            found.append(str(exc))
+            names = []
+        for name in names:
             if name not in fields and name not in COMMON_TEMPLATE_FIELDS:
-                raise ValueError(
-                    f"message names {{{name}}}, which is not a field of source: {self.source}; "
+                found.append(
+                    f"message names {{{name}}}, which is not a field of source: {source}; "
                     f"use one of: {', '.join(sorted(set(fields) | COMMON_TEMPLATE_FIELDS))}"
                 )
-        return self
+    return found
+
+
+def _raw_consistency(raw: Mapping[str, Any], failed: set[str]) -> list[str]:
+    """:func:`consistency_problems` of a rule whose fields did not all validate (pydantic
+    then skips the cross-field checks): the fields that did are checked now, so one lint
+    round shows every problem of the rule."""
+    source = raw.get("source")
+    if "source" in failed or source not in FIELDS and source != "sql":
+        return []
+    when = raw.get("when") if "when" not in failed else None
+    conds = [
+        (c.get("field"), c.get("op"), c.get("value"))
+        for c in (when if isinstance(when, list) else [])
+        if isinstance(c, Mapping)
+    ]
+    sql = raw.get("sql") if isinstance(raw.get("sql"), str) else None
+    message = raw.get("message") if "message" not in failed else None
+    if "when" in failed and source != "sql":
+        conds = [("session_id", "==", "")]  # its own errors are listed; no 'add one' too
+    return consistency_problems(str(source), sql, conds, message)
 
 
 def template_fields(template: str) -> list[str]:
@@ -284,7 +368,21 @@ def parse_rules(text: str, source: str) -> list[AlertRule]:
         try:
             out.append(AlertRule.model_validate(raw))
         except ValidationError as exc:
-            errors.extend(problems(exc, prefix=f"{source}: {label}: ", field_word="field "))
+            where = f"{source}:{line}" if (line := yaml_line(text, ("rules", i))) else source
+            for err in exc.errors():
+                # each error at its own line of the file (the rule's, for a whole-rule one)
+                at = yaml_line(text, ("rules", i, *err["loc"])) or line
+                errors.extend(
+                    error_lines(
+                        [err],
+                        prefix=f"{source}:{at}: {label}: " if at else f"{source}: {label}: ",
+                        field_word="field ",
+                        model=AlertRule,
+                    )
+                )
+            if all(e["loc"] for e in exc.errors()):  # the cross-field checks did not run
+                failed = {str(e["loc"][0]) for e in exc.errors()}
+                errors.extend(f"{where}: {label}: {p}" for p in _raw_consistency(raw, failed))
     if errors:
         raise AlertRulesError("\n".join(errors))
     return out

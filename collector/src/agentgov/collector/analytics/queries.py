@@ -7,14 +7,17 @@ render the same frames as JSON and text.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import pandas as pd
 from clickhouse_connect.driver.client import Client
 
 from agentgov.collector.store import schema
 from agentgov.instrumentation.lineage import check_id
+
+T = TypeVar("T")
 
 
 class SessionNotFound(LookupError):
@@ -156,6 +159,42 @@ class Analytics:
             self.session(session_id)  # 404 if the session does not exist at all
         return df
 
+    def messages(self, session_id: str) -> pd.DataFrame:
+        """The session's inter-agent messages: sender, recipient, digest, size and
+        injection score (the text itself never leaves the agent's process)."""
+        check_id(session_id, "session id")
+        # the typed spans say which spans carry messages (ordered by session, cheap); their
+        # events, digests included, are read from those spans' otel_traces rows only
+        carriers = self._df(
+            f"SELECT DISTINCT TraceId AS trace_id, SpanId AS span_id FROM {schema.SPANS} "
+            "WHERE SessionId = {sid:String} AND Messages > 0",
+            {"sid": session_id},
+        )
+        columns = ["time", "from_agent", "to_agent", "digest", "size", "injection", "signals"]
+        if carriers.empty:
+            return pd.DataFrame(columns=columns)
+        return self._df(
+            f"""
+            SELECT e.1 AS time,
+                   e.3['agentgov.message.from'] AS from_agent,
+                   e.3['agentgov.message.to'] AS to_agent,
+                   e.3['agentgov.message.digest'] AS digest,
+                   toUInt64OrZero(e.3['agentgov.message.size']) AS size,
+                   toUInt8OrZero(e.3['agentgov.message.injection']) AS injection,
+                   e.3['agentgov.message.injection.signals'] AS signals
+            FROM {schema.TRACES}
+            ARRAY JOIN arrayZip(`Events.Timestamp`, `Events.Name`, `Events.Attributes`) AS e
+            WHERE TraceId IN {{traces:Array(String)}}
+              AND (TraceId, SpanId) IN {{spans:Array(Tuple(String, String))}}
+              AND e.2 = 'agentgov.message'
+            ORDER BY time
+            """,
+            {
+                "traces": sorted(set(carriers["trace_id"])),
+                "spans": list(zip(carriers["trace_id"], carriers["span_id"], strict=True)),
+            },
+        )
+
     def decisions(self, session_id: str) -> pd.DataFrame:
         """The governor's audit records of a session, in order."""
         from agentgov.collector.governor import audit
@@ -173,16 +212,31 @@ class Analytics:
             raise SessionNotFound(session_id)
         return df
 
-    def verify_decisions(self, session_id: str) -> dict[str, Any]:
-        """Check the hash chain of a session's audit records."""
+    def verify_decisions(self, session_id: str, pending: Sequence[Any] = ()) -> dict[str, Any]:
+        """Check the hash chain of a session's audit records (``pending``: its records
+        still in the collector's local audit log, not yet in ClickHouse)."""
         from agentgov.collector.governor import audit
 
         check_id(session_id, "session id")
         with self._lock:
-            result = audit.verify(self._client, session_id)
+            result = audit.verify(self._client, session_id, pending)
         if result.records == 0:
             raise SessionNotFound(session_id)
         return result.as_json()
+
+    def recorded_sessions(
+        self,
+        load: Callable[[Client, str | None, float, int], T],
+        session_id: str | None,
+        since_s: float,
+        limit: int,
+    ) -> T:
+        """Stored decision records of sessions, read by ``load`` (policy simulation's
+        loader) on this reader's connection."""
+        if session_id is not None:
+            check_id(session_id, "session id")
+        with self._lock:
+            return load(self._client, session_id, since_s, limit)
 
     def fanout(self, session_id: str | None = None, limit: int = 100) -> pd.DataFrame:
         """Per delegating agent: how many children it started and how many distinct tasks."""

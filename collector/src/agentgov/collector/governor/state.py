@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from agentgov.collector.governor.scope import PlanScope
 from agentgov.collector.risk import risk_from_log_sum, risk_log_term
 
 # phases of audit records
@@ -21,6 +22,8 @@ POST_HANDOFF = "post_handoff"
 TOOL = "tool"
 APPROVAL = "approval"
 KILL = "kill"
+#: a session plan was declared (before its first agent started)
+PLAN = "plan"
 #: an agent acknowledged its session's stop (or was refused a step after it)
 STOPPED = "stopped"
 
@@ -114,13 +117,17 @@ class AgentState:
 class Approval:
     approval_id: str
     session_id: str
-    kind: str  # "handoff", "tool", or "session" (folds a session's pending approvals)
+    #: "handoff", "tool", "plan" (a session's plan), or "session" (folds a session's
+    #: pending approvals)
+    kind: str
     requested_by: str  # agent id
     requester: str  # API key name of the caller, "" when keys are off
     request: dict[str, Any]
     created: float
     expires: float
-    status: str = "pending"  # pending, approved, denied, expired, cancelled
+    #: pending, approved, denied, expired, cancelled; a plan approval a kill took back:
+    #: revoked
+    status: str = "pending"
     approver: str = ""
     comment: str = ""
     decided_at: float | None = None
@@ -129,6 +136,67 @@ class Approval:
 
     def public(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: the most drift entries a session keeps (each names what one step touched off-plan);
+#: the count goes on
+MAX_DRIFT = 200
+
+#: plan statuses: holds without a reviewer; waits for one; approved by one (until
+#: ``holds_until``); denied; not decided in time; taken back by a kill; a kill before any
+#: decision
+PLAN_ACTIVE, PLAN_PENDING, PLAN_APPROVED = "active", "pending", "approved"
+
+
+@dataclass
+class PlanState:
+    """A session's plan: what was declared, its blast radius, its approval, its drift."""
+
+    plan: dict[str, Any]
+    blast_radius: dict[str, Any]
+    scope: PlanScope
+    declared_at: float
+    #: the API key (name) that declared it: the session's root starts with that key
+    declared_by: str
+    needs_approval: list[str]
+    approval_id: str = ""
+    status: str = PLAN_ACTIVE
+    approved_by: str = ""
+    approved_at: float | None = None
+    ttl_s: float | None = None
+    holds_until: float | None = None
+    #: the steps that went off-plan, oldest first (at most MAX_DRIFT)
+    drift: list[dict[str, Any]] = field(default_factory=list)
+    drift_count: int = 0
+
+    @property
+    def by_reviewer(self) -> bool:
+        """A person approved the plan: its scope stands in for per-step approvals."""
+        return self.status == PLAN_APPROVED
+
+    def public(self, now: float) -> dict[str, Any]:
+        status = self.status
+        if status == PLAN_APPROVED and self.holds_until is not None and now >= self.holds_until:
+            status = "expired"
+        return {
+            "status": status,
+            "plan": self.plan,
+            "blast_radius": self.blast_radius,
+            "declared_at": self.declared_at,
+            "declared_by": self.declared_by or None,
+            "needs_approval": self.needs_approval,
+            "approval": {
+                "approval_id": self.approval_id,
+                "approved_by": self.approved_by or None,
+                "approved_at": self.approved_at,
+                "ttl_s": self.ttl_s,
+                "holds_until": self.holds_until,
+            }
+            if self.approval_id
+            else None,
+            "drift_count": self.drift_count,
+            "drift": self.drift,
+        }
 
 
 @dataclass
@@ -146,6 +214,10 @@ class SessionState:
     decided_risk_log_sum: float = 0.0
     #: this session's approvals (ids), so per-session lookups skip everyone else's
     approval_ids: list[str] = field(default_factory=list)
+    #: the session's declared plan; None: a session without one (decided as ever)
+    plan: PlanState | None = None
+    #: (agent role or name, task) -> how often that task came back to that agent
+    task_returns: dict[tuple[str, str], int] = field(default_factory=dict)
     seq: int = 0
     last_hash: str = ""
 
@@ -159,7 +231,7 @@ class SessionState:
         return sum(max(a.estimated_usd, a.spent_usd) for a in self.agents.values())
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "session_id": self.session_id,
             "status": "killed" if self.killed else "active",
             "killed_by": self.kill_actor or None,
@@ -172,6 +244,15 @@ class SessionState:
             "decided_risk": risk_from_log_sum(self.decided_risk_log_sum),
             "decisions": self.seq,
         }
+        if self.plan is not None:
+            out["plan"] = {
+                "status": self.plan.status,
+                "blast_radius_risk": self.plan.blast_radius.get("risk"),
+                "approval_id": self.plan.approval_id or None,
+                "holds_until": self.plan.holds_until,
+                "drift": self.plan.drift_count,
+            }
+        return out
 
 
 def apply(state: SessionState, record: Record, approvals: dict[str, Approval]) -> None:
@@ -213,6 +294,9 @@ def apply(state: SessionState, record: Record, approvals: dict[str, Approval]) -
             state.handoffs += 1
         if record.task and d.get("lock"):
             state.owners[record.task] = record.to_agent
+        back = d.get("return")
+        if back:  # the task came back to an agent that had it before
+            state.task_returns[(str(back["agent"]), record.task)] = int(back["count"])
     elif record.phase == TOOL and record.effective:
         state.tool_calls += 1
         state.decided_risk_log_sum += risk_log_term(int(d.get("risk", 0)))
@@ -233,7 +317,30 @@ def apply(state: SessionState, record: Record, approvals: dict[str, Approval]) -
             for task, owner in list(state.owners.items()):
                 if owner == record.to_agent:
                     del state.owners[task]
+    elif record.phase == PLAN:
+        declared = dict(d.get("plan") or {})
+        aid = str(d.get("approval_id", ""))
+        state.plan = PlanState(
+            plan=declared,
+            blast_radius=dict(d.get("blast_radius") or {}),
+            scope=PlanScope(declared),
+            declared_at=record.time,
+            declared_by=record.actor,
+            needs_approval=list(d.get("needs_approval") or ()),
+            approval_id=aid,
+            status=PLAN_PENDING if aid else PLAN_ACTIVE,
+        )
     elif record.phase == KILL:
+        plan = state.plan
+        if plan is not None and plan.status == PLAN_PENDING:
+            plan.status = "cancelled"  # with every other pending approval, below
+        if plan is not None and plan.status == PLAN_APPROVED:
+            # a kill takes the plan's approval back: nothing runs on it any more
+            plan.status = "revoked"
+            revoked = approvals.get(plan.approval_id)
+            if revoked is not None:
+                revoked.status = "revoked"
+                revoked.decided_at = record.time
         if not state.killed:
             state.kill_time = record.time
             for agent in state.agents.values():
@@ -273,3 +380,28 @@ def apply(state: SessionState, record: Record, approvals: dict[str, Approval]) -
             approval.approver = record.actor
             approval.comment = str(d.get("comment", ""))
             approval.decided_at = record.time
+            plan = state.plan
+            if plan is not None and aid == plan.approval_id:
+                plan.status = record.outcome
+                if record.outcome == PLAN_APPROVED:
+                    plan.approved_by = record.actor
+                    plan.approved_at = record.time
+                    ttl, until = d.get("ttl_s"), d.get("holds_until")
+                    plan.ttl_s = float(ttl) if ttl is not None else None
+                    plan.holds_until = float(until) if until is not None else None
+    drift = d.get("drift")
+    if drift and state.plan is not None:
+        plan = state.plan
+        plan.drift_count += 1
+        if len(plan.drift) < MAX_DRIFT:
+            plan.drift.append(
+                {
+                    "seq": record.seq,
+                    "time": record.time,
+                    "phase": record.phase,
+                    "agent_id": record.from_agent if record.phase == TOOL else record.to_agent,
+                    "outcome": record.outcome,
+                    "reason": record.reason,
+                    "items": list(drift),
+                }
+            )
