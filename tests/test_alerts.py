@@ -42,7 +42,13 @@ except ImportError:  # pragma: no cover
 
 from agentgov.collector.alerts.rules import AlertRulesError, load_rules, parse_rules
 from agentgov.collector.alerts.slack import BotSender, Notice, SlackNotifier
-from agentgov.instrumentation import Governance, GovernorClient, SessionKilled, Stopped
+from agentgov.instrumentation import (
+    Governance,
+    GovernorClient,
+    PlannedAgent,
+    SessionKilled,
+    Stopped,
+)
 from agentgov.instrumentation.lineage_token import HEADER as TOKEN_HEADER
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +65,7 @@ multi_agent:
     billing_agent: [refund_check]
   require_approval_for: [deploy.prod]
   approval_ttl_s: 600
+  max_task_returns: 2
 """
 
 
@@ -257,6 +264,39 @@ def tool_errors(gov: Governance, sid: str, fire: bool) -> None:
                     pass
 
 
+def plan_drift(gov: Governance, sid: str, fire: bool) -> None:
+    gov.approvals = "raise"  # the off-plan step goes to a reviewer: do not wait for one
+    with gov.session("rotate the logs", session_id=sid) as s:
+        s.plan(
+            [PlannedAgent(role="janitor", tools=["shell"], resources=["/var/log/app"])],
+            max_fanout=0,
+            max_depth=0,
+            budget_usd=1.0,
+        )
+        with s.agent("janitor", role="janitor") as a:
+            try:
+                with a.tool(
+                    "kubectl" if fire else "shell",
+                    command="kubectl get pods" if fire else "ls /var/log/app",
+                    resources=[] if fire else ["/var/log/app"],
+                ):
+                    pass
+            except Stopped:
+                pass
+
+
+def delegation_loop(gov: Governance, sid: str, fire: bool) -> None:
+    # the planner keeps handing the same task back to the same coder
+    with gov.session("fix the flaky test", session_id=sid) as s:
+        with s.agent("planner") as root:
+            try:
+                for _ in range(4 if fire else 3):
+                    with root.delegate("coder", task="fix-flaky", agent_id="coder"):
+                        pass
+            except Stopped:
+                pass
+
+
 SCENARIOS: list[tuple[str, Callable[[Governance, str, bool], None], bool]] = [
     ("session_risk_critical", risk_critical, True),
     ("session_risk_warning", risk_warning, True),
@@ -269,6 +309,8 @@ SCENARIOS: list[tuple[str, Callable[[Governance, str, bool], None], bool]] = [
     ("destructive_without_write", destructive, True),
     ("prompt_injection_message", injection, True),
     ("tool_error_burst", tool_errors, True),
+    ("plan_drift", plan_drift, True),
+    ("delegation_loop", delegation_loop, True),
 ]
 
 
@@ -620,7 +662,7 @@ def test_alerts_lint_cli(tmp_path: Path) -> None:
         text=True,
     )
     assert ok.returncode == 0, ok.stderr
-    assert "ok: 12 rules" in ok.stdout
+    assert "ok: 14 rules" in ok.stdout
     dup = tmp_path / "dup.yaml"
     dup.write_text((REPO / "alerts" / "messages.yaml").read_text())
     bad = subprocess.run(

@@ -439,20 +439,30 @@ def test_cli_audit_prints_every_command(
     out = cli("audit", cleanup.session_id, "--url", collector.url)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].split() == ["TIME", "AGENT", "PARENT", "RISK", "COMMAND"]
-    rows = [line.split(maxsplit=4) for line in lines[1:5]]
-    assert [(r[1], r[2], r[3], r[4]) for r in rows] == [
-        (a["scanner"], a["orchestrator"], "0", "kubectl get deployments -o name"),
-        (a["cleaner-eu"], a["orchestrator"], "0", "ls /srv/deploys/eu"),
-        (a["cleaner-eu"], a["orchestrator"], "80", "rm -rf /srv/deploys/eu/old"),
+    assert lines[0] == f"session {cleanup.session_id}  intent {CLEANUP_INTENT!r}"
+    assert lines[1:3] == ["", "Commands (4 ran, 0 refused):"]
+    assert lines[3].split() == ["TIME", "AGENT", "PARENT", "RISK", "DECISION", "COMMAND"]
+    # no governor decided these spans' steps: the decision column says so with '-'
+    rows = [line.split(maxsplit=5) for line in lines[4:8]]
+    assert [(r[1], r[2], r[3], r[4], r[5]) for r in rows] == [
+        (a["scanner"], a["orchestrator"], "0", "-", "kubectl get deployments -o name"),
+        (a["cleaner-eu"], a["orchestrator"], "0", "-", "ls /srv/deploys/eu"),
+        (a["cleaner-eu"], a["orchestrator"], "80", "-", "rm -rf /srv/deploys/eu/old"),
         (
             a["cleaner-us"],
             a["orchestrator"],
             "15",
+            "-",
             "curl -X DELETE https://deploy.example.com/us/old",
         ),
     ]
-    assert lines[5:] == ["", f"intent: {CLEANUP_INTENT!r}"]
+    assert lines[8:] == [
+        "",
+        "Decisions: none recorded (the session ran without the governor)",
+        "",
+        "Inter-agent messages (0):",
+        "  no messages",
+    ]
 
 
 def test_cli_unknown_session_fails_clearly(collector: CollectorProcess, sent: object) -> None:

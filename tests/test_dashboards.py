@@ -50,11 +50,18 @@ except ImportError:  # pragma: no cover
     from tests.grafana_fake import FakeGrafana
     from tests.slack_fake import FakeSlack
 
+from agentgov.collector.alerts.slack_actions import APPROVAL_NOTICE
 from agentgov.collector.auth import KeyRing
 from agentgov.collector.dashboards.catalog import load_datasource
 from agentgov.collector.dashboards.cli import dashboards as dashboards_cli
 from agentgov.collector.service import Collector, CollectorConfig
-from agentgov.instrumentation import Governance, GovernorClient, SessionKilled, Stopped
+from agentgov.instrumentation import (
+    Governance,
+    GovernorClient,
+    PlannedAgent,
+    SessionKilled,
+    Stopped,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = REPO / "dashboards"
@@ -134,6 +141,7 @@ multi_agent:
   shared_max_tool_calls: 8
   require_approval_for: [{REFUND}]
   approval_ttl_s: 900
+  session_approval: {{out_of_scope: stop}}
 """
 
 
@@ -408,6 +416,34 @@ def _injection_session(gov: Governance, flush: Callable[[], None]) -> str:
     return session.session_id
 
 
+def _planned_session(gov: Governance) -> str:
+    """A session that declared its plan first: one step inside it, one outside (stopped
+    with out_of_scope, the plan's drift)."""
+    with gov.session("rotate the application logs") as session:
+        session.plan(
+            [
+                PlannedAgent(
+                    role="janitor",
+                    permissions=["fs.write:/var/log/app"],
+                    tools=["shell"],
+                    resources=["/var/log/app"],
+                )
+            ],
+            max_fanout=0,
+            max_depth=0,
+            budget_usd=0.5,
+        )
+        with session.agent("janitor", role="janitor", permissions=["fs.write:/var/log/app"]) as j:
+            with j.tool("shell", "gzip /var/log/app/old.log", ["/var/log/app/old.log"]):
+                pass
+            try:
+                with j.tool("shell", "truncate -s 0 /etc/hosts", ["/etc/hosts"]):
+                    raise AssertionError("the plan names no /etc")
+            except Stopped as stop:
+                assert stop.reason == "out_of_scope"
+    return session.session_id
+
+
 def _killed(gov: Governance, sid: str) -> bool:
     governor = gov.governor
     assert governor is not None
@@ -486,6 +522,7 @@ def seeded(store_path: Path, store_client: Any, tmp_path_factory: pytest.TempPat
         sessions["running"] = _running_session(gov)
         time.sleep(1.1)
         sessions["injection"] = _injection_session(gov, lambda: providers[0].force_flush())
+        sessions["planned"] = _planned_session(gov)
         for provider in providers:
             assert provider.force_flush(10_000)
         assert collector.audit_writer is not None and collector.audit_writer.flush()
@@ -505,12 +542,12 @@ def seeded(store_path: Path, store_client: Any, tmp_path_factory: pytest.TempPat
 
         wait_for(stored, timeout=30)
 
-        def alerts_settled() -> bool:  # every Slack notice delivered or dropped
+        def alerts_settled() -> bool:  # every fired alert's Slack notice delivered or dropped
             rows = store_client.query(
                 "SELECT countIf(Event = 'fired' AND has(Actions, 'slack')), "
-                "countIf(Event IN ('slack_sent', 'slack_dropped')) FROM agentgov_alerts "
-                "WHERE SessionId IN {sids:Array(String)}",
-                parameters={"sids": list(sessions.values())},
+                "countIf(Event IN ('slack_sent', 'slack_dropped') AND Rule != {notice:String}) "
+                "FROM agentgov_alerts WHERE SessionId IN {sids:Array(String)}",
+                parameters={"sids": list(sessions.values()), "notice": APPROVAL_NOTICE},
             ).result_rows
             return bool(rows[0][0]) and rows[0][0] == rows[0][1]
 
@@ -913,6 +950,29 @@ def test_session_drilldown_shows_graph_trace_audit_and_decisions(
     )
 
 
+def test_session_drilldown_shows_the_plan_its_blast_radius_and_drift(
+    seeded: Seeded, store_client: Any
+) -> None:
+    model = load(DASHBOARDS / "session-drilldown.json")
+    res = run_dashboard(store_client, model, seeded, seeded.sessions["planned"])
+    (plan,) = _one(res, "Plan and blast radius").records()
+    assert (plan["status"], plan["declared_by"], plan["plan_approval"]) == ("active", "agents", "")
+    assert (plan["agents"], plan["max_depth"], plan["max_fanout"]) == (1, 0, 0)
+    assert plan["max_spend_usd"] == 0.5 and plan["write_scopes"] == "fs.write:/var/log/app"
+    assert plan["destructive_tools"] == "janitor: shell" and plan["blast_radius_risk"] > 0
+    assert plan["drift_steps"] == 1
+    (drift,) = _one(res, "Plan drift").records()
+    assert (drift["phase"], drift["outcome"], drift["reason"], drift["drift"]) == (
+        "tool",
+        "stop",
+        "out_of_scope",
+        "resource: /etc/hosts",
+    )
+    # sessions without a plan show none
+    other = run_dashboard(store_client, model, seeded, seeded.sessions["rotate"])
+    assert not _one(other, "Plan and blast radius").rows and not _one(other, "Plan drift").rows
+
+
 def test_alerts_and_stops_dashboard(seeded: Seeded, store_client: Any) -> None:
     model = load(DASHBOARDS / "alerts-and-stops.json")
     res = run_dashboard(store_client, model, seeded, "")
@@ -955,6 +1015,9 @@ def test_alerts_and_stops_dashboard(seeded: Seeded, store_client: Any) -> None:
 
 def _schema(name: str) -> dict[str, Any]:
     path = SCHEMAS / f"{name}.jsonschema.json"
+    if not SCHEMAS.parent.is_dir():
+        # a clone with nothing beside it; CI has the shared folder next to the repository
+        pytest.skip("Grafana's published JSON schemas sit in ../shared beside the repository")
     if not path.is_file():
         pytest.fail(f"Grafana's schemas are expected in {SCHEMAS} (missing {path.name})")
     return dict(json.loads(path.read_text("utf-8")))

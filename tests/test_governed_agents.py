@@ -611,6 +611,7 @@ class Review:
     entered: threading.Event = field(default_factory=threading.Event)
     pending: list[dict[str, Any]] = field(default_factory=list)
     entered_before: bool | None = None
+    reasked_records: int | None = None
     self_approval: int | None = None
     status: int | None = None
     response: dict[str, Any] = field(default_factory=dict)
@@ -627,9 +628,11 @@ class Review:
             self.pending = wait_for(
                 lambda: self.api.approvals(self.session_id, "pending"), timeout=20
             )
-            # the agent asks again (every 0.5 s at most) and keeps waiting while nobody decides
+            # the agent keeps waiting (and asking again) while nobody decides; a re-ask of a
+            # pending approval writes no record: one request, one decision
             asked = self.api.governor(self.session_id)["decisions"]
-            wait_for(lambda: self.api.governor(self.session_id)["decisions"] > asked)
+            time.sleep(2.5)
+            self.reasked_records = self.api.governor(self.session_id)["decisions"] - asked
             self.entered_before = self.entered.is_set()
             aid = self.pending[0]["approval_id"]
             if self.action == "kill":
@@ -690,7 +693,9 @@ def test_approval_granted_lets_the_tool_call_proceed(governed: Governed) -> None
         "agent_id": f"billing-{tag}",
         "tool": REFUND_TOOL,
         "command": "refund order 1042 25.00 EUR",
+        "reason": "approval_required_for_tool",
     }
+    assert review.reasked_records == 0
     assert review.self_approval == 403  # an agent key may not approve
     assert review.status == 200
     assert (review.response["status"], review.response["approver"]) == ("approved", "reviewer-1")

@@ -1518,7 +1518,10 @@ BROKEN_POLICIES = [
     (
         "unknown_field",
         "multi_agent:\n  max_handofs: 3\n",
-        ["multi_agent.max_handofs", "Extra inputs are not permitted"],
+        [
+            "unknown_field.yaml:2: multi_agent.max_handofs: unknown field",
+            "did you mean `max_handoffs`?",
+        ],
     ),
     (
         "negative_limit",

@@ -198,7 +198,7 @@ def test_the_cli_reads_foreign_sessions(collector: CollectorProcess, foreign: st
         "planner",
     ]
     audit = cli(collector, "audit", foreign)
-    assert "rm -rf /opt/app/data" in {r["command"] for r in audit}
+    assert "rm -rf /opt/app/data" in {r["command"] for r in audit["commands"]}
     dry = cli(collector, "alerts", "test", foreign)
     assert "destructive_without_write" in {f["rule"] for f in dry["would_fire"]}
 

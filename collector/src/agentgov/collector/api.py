@@ -206,7 +206,14 @@ class QueryApi:
     def _audit(self, sid: str) -> dict[str, Any]:
         """The session's commands, each marked ``verified`` when its span's proof shows the
         agent it names ran it (see governor/tokens.py)."""
-        rows = records(self.analytics.audit(sid))
+        try:
+            rows = records(self.analytics.audit(sid))
+        except SessionNotFound:
+            # a session the governor decided on but no span of which is stored yet (its
+            # agents were refused, or still wait for an approval): no commands, not a 404
+            if self.governor is None or not self.governor.knows(sid):
+                raise
+            rows = []
         tokens = self.governor.tokens if self.governor is not None else None
         for r in rows:
             token_id, proof = r.pop("token_id"), r.pop("proof")
@@ -218,6 +225,16 @@ class QueryApi:
     async def audit(self, request: Request) -> Response:
         sid = request.path_params["session_id"]
         return await self._guard(self._audit, sid, request=request)
+
+    def _messages(self, sid: str) -> dict[str, Any]:
+        rows = records(self.analytics.messages(sid))
+        if not rows and (self.governor is None or not self.governor.knows(sid)):
+            self.analytics.session(sid)  # 404 for a session nothing is known of
+        return {"session_id": sid, "messages": rows}
+
+    async def messages(self, request: Request) -> Response:
+        sid = request.path_params["session_id"]
+        return await self._guard(self._messages, sid, request=request)
 
     async def fanout(self, request: Request) -> Response:
         try:
@@ -235,5 +252,6 @@ class QueryApi:
             Route("/api/v1/sessions/{session_id}", self.session, methods=["GET"]),
             Route("/api/v1/sessions/{session_id}/graph", self.graph, methods=["GET"]),
             Route("/api/v1/sessions/{session_id}/audit", self.audit, methods=["GET"]),
+            Route("/api/v1/sessions/{session_id}/messages", self.messages, methods=["GET"]),
             Route("/api/v1/fanout", self.fanout, methods=["GET"]),
         ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from typing import Any
 
 import click
@@ -12,6 +13,7 @@ import click
 from agentgov.collector import render
 from agentgov.collector.client import ApiError, CollectorClient
 from agentgov.collector.dashboards.cli import dashboards
+from agentgov.collector.plans_cli import Duration, plan, policy_simulate
 from agentgov.collector.receiver.decode import Limits
 
 
@@ -35,7 +37,11 @@ url_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
 
-@click.group()
+@click.group(
+    epilog="Exit codes: 0 done; 1 an error (the message says what to do); 2 a usage error; "
+    "3 'kill': the kill is in force but no running agent was seen stopping."
+)
+@click.version_option(package_name="agentgov-collector", prog_name="agentgov")
 def main() -> None:
     """agentgov: governance telemetry and runtime control for multi-agent AI systems."""
 
@@ -88,13 +94,48 @@ def main() -> None:
     envvar="AGENTGOV_ALERT_RULES",
     help="Alert rule file or folder, repeatable (default: the shipped alerts/; re-read on change).",
 )
-@click.option("--max-request-bytes", default=Limits.max_request_bytes, show_default=True, type=int)
-@click.option("--max-attributes", default=Limits.max_attributes, show_default=True, type=int)
+@click.option(
+    "--max-request-bytes",
+    default=Limits.max_request_bytes,
+    show_default=True,
+    type=int,
+    help="Largest OTLP request body accepted (compressed or not); larger ones get 413.",
+)
+@click.option(
+    "--max-attributes",
+    default=Limits.max_attributes,
+    show_default=True,
+    type=int,
+    help="Most attributes one span (or event) may carry; more get 400.",
+)
+@click.option(
+    "--min-free-space",
+    default="256MiB",
+    show_default=True,
+    help="Free space the store's disk keeps: below it, ingest answers 503 (retry later) "
+    "until space is freed. 0 turns the floor off.",
+)
+@click.option(
+    "--audit-log",
+    "audit_log",
+    default=None,
+    help="Folder of the local audit log every decision is written to before its answer "
+    "(default: audit-log/ in the embedded data folder, ./agentgov-audit-log with a server; "
+    "'off': records wait in memory only and a crash loses them, for measurements).",
+)
+@click.option(
+    "--audit-log-size",
+    default="64MiB",
+    show_default=True,
+    help="Space reserved for the local audit log: decisions fail closed (audit_log_full) "
+    "once that much waits to be written to ClickHouse.",
+)
 @click.option(
     "--log-level",
     default="info",
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
+    help="How much the collector logs (start-up summary at info).",
 )
 def collector(
     store: str | None,
@@ -108,6 +149,9 @@ def collector(
     alert_rules: tuple[str, ...],
     max_request_bytes: int,
     max_attributes: int,
+    min_free_space: str,
+    audit_log: str | None,
+    audit_log_size: str,
     log_level: str,
 ) -> None:
     """Run the collector: OTLP receivers, ClickHouse storage, governor, alerts and the API."""
@@ -115,8 +159,14 @@ def collector(
     from agentgov.collector.governor.policy import PolicyError
     from agentgov.collector.risk import RiskRulesError
     from agentgov.collector.service import Collector, CollectorConfig
+    from agentgov.collector.startup import StartupError, check_data_folder, check_port, summary
     from agentgov.collector.store.connection import StoreError
+    from agentgov.collector.store.space import parse_size
 
+    try:
+        min_free_bytes, audit_log_bytes = parse_size(min_free_space), parse_size(audit_log_size)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -132,25 +182,49 @@ def collector(
         alert_rules=alert_rules,
         limits=Limits(max_request_bytes=max_request_bytes, max_attributes=max_attributes),
         log_level=log_level,
+        min_free_bytes=min_free_bytes,
+        audit_log=audit_log,
+        audit_log_bytes=audit_log_bytes,
     )
     try:
+        # the usual ways a start fails, as one line with the fix, before anything opens
+        check_data_folder(config.store_config.data_path)
+        check_port(host, http_port, "OTLP/HTTP and the API", "--http-port")
+        if grpc_port >= 0:
+            check_port(host, grpc_port, "OTLP/gRPC", "--grpc-port (-1 turns gRPC off)")
         service = Collector(config)
         click.echo(
-            f"agentgov collector: store {config.store_config.redacted()}, "
-            f"OTLP/HTTP + API on {host}:{http_port}"
-            + (f", OTLP/gRPC on {host}:{grpc_port}" if grpc_port >= 0 else ""),
+            summary(
+                service,
+                f"{host}:{http_port}",
+                f"{host}:{grpc_port}" if grpc_port >= 0 else None,
+            ),
             err=True,
         )
         service.run()
-    except (RiskRulesError, PolicyError, AlertRulesError, StoreError, OSError, ValueError) as exc:
+    except (
+        RiskRulesError,
+        PolicyError,
+        AlertRulesError,
+        StoreError,
+        StartupError,
+        OSError,
+        ValueError,
+    ) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
 @main.command()
 @url_option
 @json_option
-@click.option("--limit", default=20, show_default=True)
-@click.option("--order", type=click.Choice(["recent", "risk"]), default="recent", show_default=True)
+@click.option("--limit", default=20, show_default=True, help="How many sessions to list.")
+@click.option(
+    "--order",
+    type=click.Choice(["recent", "risk"]),
+    default="recent",
+    show_default=True,
+    help="Most recent first, or riskiest first.",
+)
 def sessions(url: str | None, as_json: bool, limit: int, order: str) -> None:
     """Recent sessions with status, agents, depth, handoffs, spend and risk."""
 
@@ -178,10 +252,33 @@ def graph(url: str | None, as_json: bool, session_id: str) -> None:
 @main.command(context_settings={"ignore_unknown_options": False})
 @url_option
 @json_option
+@click.option(
+    "--agent",
+    "agent_id",
+    default=None,
+    help="Only what this agent did, was decided on, sent or received.",
+)
+@click.option(
+    "--only",
+    "sections",
+    multiple=True,
+    type=click.Choice(["commands", "decisions", "messages"]),
+    help="Only these parts of the audit (repeatable; default: all three).",
+)
 @click.argument("args", nargs=-1, required=True, metavar="[verify] SESSION")
-def audit(url: str | None, as_json: bool, args: tuple[str, ...]) -> None:
-    """Every command of a session with its agent, parent, chain, intent and risk;
-    'audit verify SESSION' checks the hash chain of the governor's decision records."""
+def audit(
+    url: str | None,
+    as_json: bool,
+    agent_id: str | None,
+    sections: tuple[str, ...],
+    args: tuple[str, ...],
+) -> None:
+    """A session's whole audit: every command that ran or was refused (with its agent,
+    parent, risk and the governor's decision), every governor decision (outcome, reason,
+    owner, chain) and every inter-agent message (digest, injection score).
+
+    'audit verify SESSION' checks the hash chain of the governor's decision records.
+    """
     if len(args) == 2 and args[0] == "verify":
         session_id = args[1]
 
@@ -190,8 +287,15 @@ def audit(url: str | None, as_json: bool, args: tuple[str, ...]) -> None:
             if as_json:
                 click.echo(json.dumps(result, indent=2))
             elif result["ok"]:
+                waiting = result.get("not_yet_drained") or 0
                 click.echo(
                     f"ok: {result['records']} decision records of {session_id}, chain intact"
+                    + (
+                        f" ({waiting} still in the collector's local audit log, not yet "
+                        "drained into ClickHouse)"
+                        if waiting
+                        else ""
+                    )
                 )
             else:
                 raise click.ClickException(
@@ -206,13 +310,47 @@ def audit(url: str | None, as_json: bool, args: tuple[str, ...]) -> None:
     session_id = args[0]
 
     def go() -> None:
-        rows = _client(url).audit(session_id)
+        client = _client(url)
+        found = 0
+
+        def read(fetch: Any) -> list[dict[str, Any]] | None:
+            nonlocal found
+            try:
+                rows: list[dict[str, Any]] = fetch(session_id)
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                return None  # this part knows nothing of the session; others may
+            found += 1
+            return rows
+
+        commands = read(client.audit)
+        decisions = read(client.decisions)
+        messages = read(client.messages)
+        if not found:
+            raise ApiError(f"404: unknown session {session_id!r}: see GET /api/v1/sessions", 404)
+        commands, messages = commands or [], messages or []
+        if agent_id:
+            commands = [c for c in commands if agent_id in (c["agent_id"], c["parent_id"])]
+            messages = [m for m in messages if agent_id in (m["from_agent"], m["to_agent"])]
+            if decisions is not None:
+                decisions = [
+                    d
+                    for d in decisions
+                    if agent_id in (d["from_agent"], d["to_agent"])
+                    or agent_id in ((d.get("detail") or {}).get("chain") or ())
+                ]
+        parts = sections or ("commands", "decisions", "messages")
         if as_json:
-            click.echo(json.dumps(rows, indent=2))
+            whole = {"commands": commands, "decisions": decisions or [], "messages": messages}
+            click.echo(
+                json.dumps(
+                    {"session_id": session_id, **{k: v for k, v in whole.items() if k in parts}},
+                    indent=2,
+                )
+            )
             return
-        click.echo(render.audit_table(rows))
-        if rows:
-            click.echo(f"\nintent: {rows[0]['intent']!r}")
+        click.echo(render.full_audit(session_id, commands, decisions, messages, parts))
 
     _run(go)
 
@@ -267,9 +405,10 @@ def kill(
 @json_option
 @click.option(
     "--status",
-    type=click.Choice(["pending", "approved", "denied", "expired", "cancelled"]),
+    type=click.Choice(["pending", "approved", "denied", "expired", "cancelled", "revoked"]),
     default="pending",
     show_default=True,
+    help="Which approvals to list.",
 )
 def approvals(url: str | None, as_json: bool, status: str) -> None:
     """Approval requests waiting for (or decided by) a reviewer."""
@@ -279,10 +418,11 @@ def approvals(url: str | None, as_json: bool, status: str) -> None:
         if as_json:
             click.echo(json.dumps(rows, indent=2))
             return
-        for a in rows:
+        click.echo(render.approvals_table(rows, time.time(), status))
+        if rows and status == "pending":
             click.echo(
-                f"{a['approval_id']}  {a['session_id']}  {a['kind']:<8} by {a['requested_by']}: "
-                f"{json.dumps(a['request'])}"
+                "\napprove: uv run agentgov approve APPROVAL   deny: uv run agentgov approve "
+                "APPROVAL --deny"
             )
 
     _run(go)
@@ -293,12 +433,28 @@ def approvals(url: str | None, as_json: bool, status: str) -> None:
 @click.argument("approval_id")
 @click.option("--deny", is_flag=True, help="Deny instead of approving.")
 @click.option("--approver", default="", help="Your name (taken from the API key when keys are on).")
-@click.option("--comment", default="")
-def approve(url: str | None, approval_id: str, deny: bool, approver: str, comment: str) -> None:
-    """Approve (or --deny) a pending request."""
+@click.option("--comment", default="", help="Why (recorded with the decision).")
+@click.option(
+    "--ttl",
+    "ttl_s",
+    type=Duration(),
+    default=None,
+    help="How long a session plan's approval holds (e.g. 2h); plan approvals need one.",
+)
+def approve(
+    url: str | None,
+    approval_id: str,
+    deny: bool,
+    approver: str,
+    comment: str,
+    ttl_s: float | None,
+) -> None:
+    """Approve (or --deny) a pending request; a session plan for --ttl."""
 
     def go() -> None:
-        result = _client(url).decide(approval_id, not deny, approver, comment)
+        result = _client(url).decide(
+            approval_id, not deny, approver, comment, None if deny else ttl_s
+        )
         click.echo(f"{approval_id}: {result['status']}")
 
     _run(go)
@@ -359,7 +515,14 @@ def alerts_lint(paths: tuple[str, ...]) -> None:
     try:
         ruleset = load_rules(targets)
     except AlertRulesError as exc:
-        raise click.ClickException(str(exc)) from exc
+        found = str(exc).splitlines()
+        # every problem of every file at once, one a line, each with file and line
+        raise click.ClickException(
+            f"{len(found)} "
+            + ("problem" if len(found) == 1 else "problems")
+            + " in the rules:\n"
+            + "\n".join(f"  {line}" for line in found)
+        ) from exc
     for rule in ruleset.rules:
         click.echo(
             f"{ruleset.files[rule.name]}: {rule.name}: source {rule.source}, {rule.severity}, "
@@ -396,10 +559,10 @@ def alerts_test(url: str | None, as_json: bool, session_id: str) -> None:
 @alerts.command("list")
 @url_option
 @json_option
-@click.option("--session", "session_id", default=None)
-@click.option("--rule", default=None)
+@click.option("--session", "session_id", default=None, help="Only this session's events.")
+@click.option("--rule", default=None, help="Only this rule's events.")
 @click.option("--event", default=None, help="fired, throttled, stopped, slack_sent, ...")
-@click.option("--limit", default=50, show_default=True, type=int)
+@click.option("--limit", default=50, show_default=True, type=int, help="Most events to list.")
 def alerts_list(
     url: str | None,
     as_json: bool,
@@ -415,10 +578,14 @@ def alerts_list(
         if as_json:
             click.echo(json.dumps(rows, indent=2))
             return
+        if not rows:
+            click.echo("no alert events")
+            return
+        click.echo(f"{'TIME':<29} {'EVENT':<18} {'RULE':<28} {'SESSION':<40} MESSAGE")
         for a in rows:
             click.echo(
-                f"{a['time']:.3f}  {a['event']:<18} {a['rule']:<28} {a['session_id']}  "
-                f"{a['message'] or a['status']}"
+                f"{render.iso_time(a['time']):<29} {a['event']:<18} {a['rule']:<28} "
+                f"{a['session_id']:<40} {a['message'] or a['status']}"
             )
 
     _run(go)
@@ -433,14 +600,30 @@ def alerts_list(
     type=int,
     help="Port of the embedded collector (0: any free port).",
 )
-def demo(store: str | None, http_port: int) -> None:
+@click.option(
+    "--framework",
+    type=click.Choice(["openai-agents"]),
+    default=None,
+    help="Tell the story with real framework agents (a scripted model, no network) instead "
+    "of agents written with the SDK.",
+)
+def demo(store: str | None, http_port: int, framework: str | None) -> None:
     """Run the 'clean up old deployments' scenario on an embedded collector."""
     from agentgov.collector.demo.scenario import main as run_demo
+    from agentgov.collector.startup import StartupError, check_data_folder
+    from agentgov.collector.store.connection import StoreConfig, default_dsn
 
-    run_demo(store, http_port)
+    try:
+        check_data_folder(StoreConfig(store or default_dsn()).data_path, "the demo")
+    except StartupError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    run_demo(store, http_port, framework)
 
 
 main.add_command(dashboards)
+main.add_command(plan)
+policy.add_command(policy_simulate)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,7 +17,11 @@ def _segment(value: str) -> str:
 
 
 class ApiError(RuntimeError):
-    """The collector answered with an error, or could not be reached."""
+    """The collector answered with an error (``status``), or could not be reached (0)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class CollectorClient:
@@ -51,7 +55,13 @@ class CollectorClient:
                 message = resp.json().get("error", resp.text)
             except ValueError:
                 message = resp.text
-            raise ApiError(f"{resp.status_code}: {message}")
+            if resp.status_code == 401 and "AGENTGOV_API_KEY" not in str(message):
+                # the collector requires keys: say which variable the CLI reads one from
+                message = (
+                    f"{message} (the CLI sends the key in AGENTGOV_API_KEY: set it to a key "
+                    "from the collector's AGENTGOV_API_KEYS)"
+                )
+            raise ApiError(f"{resp.status_code}: {message}", resp.status_code)
         return resp.json()
 
     def sessions(self, limit: int = 50, order: str = "recent") -> list[dict[str, Any]]:
@@ -65,6 +75,15 @@ class CollectorClient:
 
     def audit(self, session_id: str) -> list[dict[str, Any]]:
         return list(self.get(f"/api/v1/sessions/{_segment(session_id)}/audit")["commands"])
+
+    def decisions(self, session_id: str) -> list[dict[str, Any]]:
+        """The governor's decision records of a session, in order."""
+        path = f"/api/v1/sessions/{_segment(session_id)}/decisions"
+        return list(self.get(path)["decisions"])
+
+    def messages(self, session_id: str) -> list[dict[str, Any]]:
+        """A session's inter-agent messages (digests and injection scores)."""
+        return list(self.get(f"/api/v1/sessions/{_segment(session_id)}/messages")["messages"])
 
     def fanout(self, session_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         return list(self.get("/api/v1/fanout", session=session_id, limit=limit)["agents"])
@@ -86,12 +105,44 @@ class CollectorClient:
     def approvals(self, status: str | None = None) -> list[dict[str, Any]]:
         return list(self.get("/api/v1/approvals", status=status)["approvals"])
 
-    def decide(self, approval_id: str, approve: bool, approver: str, comment: str) -> Any:
+    def decide(
+        self,
+        approval_id: str,
+        approve: bool,
+        approver: str,
+        comment: str,
+        ttl_s: float | None = None,
+    ) -> Any:
         verb = "approve" if approve else "deny"
-        return self.post(
-            f"/api/v1/approvals/{_segment(approval_id)}/{verb}",
-            {"approver": approver, "comment": comment},
-        )
+        body: dict[str, Any] = {"approver": approver, "comment": comment}
+        if ttl_s is not None:
+            body["ttl_s"] = ttl_s
+        return self.post(f"/api/v1/approvals/{_segment(approval_id)}/{verb}", body)
+
+    def plan(self, session_id: str) -> dict[str, Any]:
+        """A session's plan, blast radius, approval and drift."""
+        return dict(self.get(f"/api/v1/sessions/{_segment(session_id)}/plan"))
+
+    def check_plan(self, plan: dict[str, Any]) -> dict[str, Any]:
+        """A plan's blast radius and approval needs under the policy in force."""
+        return dict(self.post("/api/v1/plans/check", plan))
+
+    def simulate(
+        self,
+        policy_text: str,
+        session_id: str | None = None,
+        since_s: float | None = None,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
+        """What a candidate policy would have changed in stored sessions."""
+        body: dict[str, Any] = {"policy": policy_text}
+        if session_id:
+            body["session_id"] = session_id
+        if since_s is not None:
+            body["since_s"] = since_s
+        if limit is not None:
+            body["limit"] = limit
+        return dict(self.post("/api/v1/policy/simulate", body))
 
     def alerts(
         self,

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 
 import grpc
@@ -29,22 +30,26 @@ from agentgov.collector.alerts.engine import AlertEngine
 from agentgov.collector.alerts.journal import AlertJournal
 from agentgov.collector.alerts.rules import RuleSource, default_rules_path
 from agentgov.collector.alerts.slack import Notice, SlackNotifier
+from agentgov.collector.alerts.slack_actions import post_approvals
 from agentgov.collector.analytics import Analytics
 from agentgov.collector.api import QueryApi
 from agentgov.collector.auth import KeyRing
 from agentgov.collector.governor import audit
 from agentgov.collector.governor.api import DecisionFastPath, GovernorApi
+from agentgov.collector.governor.audit_log import AuditLog
 from agentgov.collector.governor.engine import Governor
 from agentgov.collector.governor.events import ControlHub
 from agentgov.collector.governor.policy import PolicySource
 from agentgov.collector.governor.state import Record
 from agentgov.collector.governor.tokens import LineageKeys, LineageTokens
+from agentgov.collector.health import Metrics, Sources, health
 from agentgov.collector.normalize.service import TraceResolver
 from agentgov.collector.receiver.decode import Limits
 from agentgov.collector.receiver.otlp_grpc import start_grpc_server
 from agentgov.collector.receiver.otlp_http import OtlpHttpReceiver
 from agentgov.collector.risk import RiskRules
 from agentgov.collector.store.connection import StoreConfig, default_dsn, open_client, prepare
+from agentgov.collector.store.space import SpaceMonitor
 from agentgov.collector.store.writer import SpanWriter
 
 log = logging.getLogger(__name__)
@@ -82,10 +87,26 @@ class CollectorConfig:
     alert_rules: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
     log_level: str = "warning"
+    #: below this much free space on the store's disk, ingest answers 503 (0: no floor)
+    min_free_bytes: int = 256 << 20
+    #: the local audit log's folder (None: next to the store; "off": none, records wait
+    #: in memory only, which a crash or a long store outage loses: for measurements)
+    audit_log: str | None = None
+    #: space reserved for the local audit log
+    audit_log_bytes: int = 64 << 20
 
     @property
     def store_config(self) -> StoreConfig:
         return StoreConfig(self.store or default_dsn())
+
+    def audit_log_dir(self) -> Path | None:
+        """Where the local audit log lives (None: turned off)."""
+        if self.audit_log == "off":
+            return None
+        if self.audit_log:
+            return Path(self.audit_log)
+        data = self.store_config.data_path
+        return data / "audit-log" if data is not None else Path.cwd() / "agentgov-audit-log"
 
 
 class Collector:
@@ -112,6 +133,7 @@ class Collector:
         self.slack: SlackNotifier | None = None
         self._alerts_api: AlertsApi | None = None
         self.audit_writer: audit.AuditWriter | None = None
+        self.space: SpaceMonitor | None = None
         self.writer: SpanWriter | None = None
         self.resolver: TraceResolver | None = None
         self.analytics: Analytics | None = None
@@ -145,31 +167,22 @@ class Collector:
 
         resolver = self.resolver
         assert resolver is not None
+        assert self.space is not None and self.audit_writer is not None
+        sources = Sources(writer, self.space, self.audit_writer, resolver, governor)
+        metrics = Metrics(sources)
 
-        async def health(request: Request) -> Response:
-            stats = writer.stats
-            return JSONResponse(
-                {
-                    "status": "ok",
-                    "spans_written": stats.spans,
-                    "requests": stats.requests,
-                    "batches": stats.batches,
-                    "duplicate_requests": stats.duplicates,
-                    "failed_requests": stats.failed_requests,
-                    "insert_seconds": round(stats.insert_seconds, 3),
-                    "resolver": {
-                        "resolutions": resolver.stats.resolutions,
-                        "spans": resolver.stats.spans,
-                        "failures": resolver.stats.failures,
-                        "pending_groups": resolver.pending,
-                    },
-                }
-            )
+        async def healthz(request: Request) -> Response:
+            status, body = health(sources)
+            return JSONResponse(body, status_code=status)
+
+        async def prometheus(request: Request) -> Response:
+            return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
         app = Starlette(
             routes=[
                 Route("/v1/traces", receiver.handle, methods=["POST"]),
-                Route("/healthz", health, methods=["GET"]),
+                Route("/healthz", healthz, methods=["GET"]),
+                Route("/metrics", prometheus, methods=["GET"]),
                 *gov_api.routes(),
                 *alerts_api.routes(),
                 *api.routes(),
@@ -215,11 +228,17 @@ class Collector:
         setup_client = prepare(store, self.rules)
         setup_client.close()
         self.analytics = Analytics(open_client(store))
-        self.audit_writer = audit.AuditWriter(store).start()
+        self.space = SpaceMonitor(store, self.config.min_free_bytes).start()
+        log_dir = self.config.audit_log_dir()
+        audit_log = (
+            AuditLog(log_dir, capacity_bytes=self.config.audit_log_bytes)
+            if log_dir is not None
+            else None
+        )
+        self.audit_writer = audit.AuditWriter(store, audit_log).start()
         audit_writer = self.audit_writer
 
         def sink(record: Record, line: str) -> None:
-            audit_writer(record, line)
             if self.alerts is not None:
                 self.alerts.observe_record(record)
 
@@ -228,12 +247,18 @@ class Collector:
             ttl_s=self.policy.policy.multi_agent.lineage_ttl_s,
         )
         self.governor = Governor(
-            self.policy, self.rules, sink=sink, tokens=self.lineage_tokens, encode=audit.row
+            self.policy,
+            self.rules,
+            sink=sink,
+            tokens=self.lineage_tokens,
+            encode=audit.row,
+            journal=audit_writer.journal,
         )
         self.governor.listeners.append(self.hub.publish)
         replay_client = open_client(store)
         try:
-            replayed = self.governor.replay(audit.load_records(replay_client))
+            # what ClickHouse holds and what still waits in the local audit log
+            replayed = self.governor.replay(audit.replay_records(replay_client, audit_writer))
         finally:
             replay_client.close()
         if replayed:
@@ -250,7 +275,9 @@ class Collector:
             alerts.observe_spans(insert_id, received)
             resolver.observe_batch(insert_id, received)
 
-        self.writer = SpanWriter(store, self.rules, on_stored=stored).start()
+        self.writer = SpanWriter(
+            store, self.rules, on_stored=stored, space_check=self.space.refusal
+        ).start()
         # long-lived objects of the start-up (schema, clients, replayed state) leave the
         # collector's generations: full collections then stay short on the decision path
         gc.collect()
@@ -300,6 +327,8 @@ class Collector:
         self.slack = SlackNotifier.from_env(journal_slack)
         if self.slack is not None:
             self.slack.start()
+            # each approval request goes to Slack with Approve / Deny (alerts/slack_actions)
+            self.governor.listeners.append(post_approvals(self.slack))
         self.alerts = AlertEngine(
             self.alert_rules, self.rules, self.governor, journal, self.slack, store
         ).start()
@@ -397,3 +426,6 @@ class Collector:
         if self.analytics is not None:
             self.analytics.close()
             self.analytics = None
+        if self.space is not None:
+            self.space.close()
+            self.space = None

@@ -25,6 +25,7 @@ from agentgov.instrumentation.governor import (
     Stopped,
 )
 from agentgov.instrumentation.lineage import InvalidIdError, Lineage, current_lineage
+from agentgov.instrumentation.plan import PlanAnswer, PlannedAgent, PlanRejected
 from agentgov.instrumentation.propagation import extract, inject, inject_env
 from agentgov.instrumentation.setup import configure
 from agentgov.instrumentation.spans import (
@@ -50,6 +51,9 @@ __all__ = [
     "InvalidIdError",
     "Lineage",
     "NoSessionError",
+    "PlanAnswer",
+    "PlannedAgent",
+    "PlanRejected",
     "SessionScope",
     "ToolSpan",
     "bind",

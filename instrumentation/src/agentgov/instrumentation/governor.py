@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 from agentgov.instrumentation.lineage_token import HEADER as TOKEN_HEADER
+from agentgov.instrumentation.plan import PlanAnswer, PlanRejected
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ _PENDING_ACKS = _Pending()
 def _deliver_acknowledgements(timeout: float = 2.0) -> None:
     with _PENDING_ACKS:
         _PENDING_ACKS.wait_for(lambda: _PENDING_ACKS.count <= 0, timeout)
+
 
 ALLOW, STOP, APPROVAL_REQUIRED = "allow", "stop", "approval_required"
 OUTCOMES = frozenset({ALLOW, STOP, APPROVAL_REQUIRED})
@@ -462,7 +464,19 @@ class _Wait:
     seconds: float
 
 
-_Op = _Ask | _Watch | _Wait
+@dataclass(frozen=True, slots=True)
+class _Tell:
+    """POST ``body`` to ``path`` and carry on whatever the answer (best effort)."""
+
+    path: str
+    body: dict[str, Any]
+    token: str
+
+
+_Op = _Ask | _Watch | _Wait | _Tell
+#: how often a waiting step asks again when no control event woke it first (an approval
+#: change wakes it at once; a re-ask of a pending approval writes no record)
+APPROVAL_POLL_S = 2.0
 _Flow = Generator[_Op, Any, T]
 
 
@@ -563,6 +577,10 @@ class GovernorClient:
 
     def _post(self, path: str, body: dict[str, Any], token: str = "") -> Any:
         """POST ``body``; the parsed JSON answer. One deadline covers every attempt."""
+        return self._answer(*self._exchange(path, body, token))
+
+    def _exchange(self, path: str, body: dict[str, Any], token: str = "") -> tuple[int, bytes]:
+        """POST ``body``; the answer's status and body. One deadline covers every attempt."""
         payload = json.dumps(body, separators=(",", ":")).encode()
         deadline = time.monotonic() + self.timeout
         last: Exception | None = None
@@ -593,7 +611,7 @@ class GovernorClient:
                 if fresh or isinstance(exc, TimeoutError) or attempt:
                     break
                 continue
-            return self._answer(resp.status, data)
+            return resp.status, data
         raise self._unreachable(last)
 
     def _decide(self, path: str, body: dict[str, Any], token: str = "") -> Decision:
@@ -612,6 +630,12 @@ class GovernorClient:
                     result = self._decide(op.path, op.body, op.token)
                 elif isinstance(op, _Watch):
                     self.watch(op.session_id, op.wait)
+                    result = None
+                elif isinstance(op, _Tell):
+                    try:
+                        self._post(op.path, op.body, op.token)
+                    except Stopped as exc:
+                        log.debug("%s not delivered: %s", op.path, exc)
                     result = None
                 else:
                     watch = self._watches.get(op.session_id)
@@ -713,6 +737,46 @@ class GovernorClient:
             except Stopped as exc:
                 log.debug("kill acknowledgement for %s not delivered: %s", agent_id, exc)
 
+    # -- session plans ---------------------------------------------------------------------
+
+    @staticmethod
+    def _plan_path(session_id: str) -> str:
+        return f"/api/v1/sessions/{quote(session_id, safe='')}/plan"
+
+    def _plan_answer(self, session_id: str, status: int, data: bytes) -> PlanAnswer:
+        """The governor's answer to a plan: its view, or :class:`PlanRejected` with the
+        governor's whole message (it names every field that is wrong)."""
+        if status in (400, 409):
+            raise PlanRejected(_error_text(data, 8000), status)
+        answer = self._answer(status, data)
+        if not isinstance(answer, dict) or answer.get("status") not in ("active", "pending"):
+            raise GovernorUnavailable(
+                "governor_invalid_answer", "plan", detail="the answer is not a plan's view"
+            )
+        approval = answer.get("approval") if isinstance(answer.get("approval"), dict) else {}
+        needs = answer.get("needs_approval")
+        radius = answer.get("blast_radius")
+        return PlanAnswer(
+            session_id=session_id,
+            status=str(answer["status"]),
+            approval_id=_text((approval or {}).get("approval_id")),
+            needs_approval=tuple(str(x) for x in needs) if isinstance(needs, list) else (),
+            blast_radius=radius if isinstance(radius, dict) else {},
+        )
+
+    def _plan_unreachable(self, session_id: str, exc: GovernorUnavailable) -> PlanAnswer:
+        self._fail_open(exc)  # raises unless the client carries on without a governor
+        return PlanAnswer(session_id, "unverified")
+
+    def declare_plan(self, session_id: str, plan: dict[str, Any]) -> PlanAnswer:
+        """Declare the session's plan (before its first agent starts); see
+        :meth:`agentgov.instrumentation.SessionScope.plan`."""
+        try:
+            status, data = self._exchange(self._plan_path(session_id), plan)
+        except GovernorUnavailable as exc:
+            return self._plan_unreachable(session_id, exc)
+        return self._plan_answer(session_id, status, data)
+
     # -- the steps, once for both clients -------------------------------------------------------
 
     def _decision_flow(
@@ -761,24 +825,46 @@ class GovernorClient:
         """Ask again with the approval id until a reviewer decides, the time is up or the
         session is killed; woken early by the session's control events."""
         yield _Watch(session_id, None)
-        again = {**body, "approval_id": decision.approval_id}
+        approval_id = decision.approval_id
+        again = {**body, "approval_id": approval_id}
         limit = self.approval_timeout if approval_timeout is None else approval_timeout
         deadline = time.monotonic() + limit
-        log.warning(
-            "%s waits for approval %s (up to %.0f s)", what, decision.approval_id or "?", limit
-        )
+        # once per wait, everything a person needs: what waits, why, and the command
+        log.warning("%s", self.waiting_message(what, decision, limit))
         while decision.outcome == APPROVAL_REQUIRED:
             self.check(session_id)
             left = deadline - time.monotonic()
             if left <= 0:
+                # giving up withdraws the request: no reviewer should approve a step that
+                # will never run (nor find it pending forever)
+                if approval_id:
+                    yield _Tell(
+                        f"/api/v1/approvals/{quote(approval_id, safe='')}/withdraw", {}, token
+                    )
                 raise Stopped(
                     "approval_timeout",
                     "approval",
-                    detail=f"no decision on {decision.approval_id} in time",
+                    detail=f"nobody decided approval {approval_id} within {limit:g} s; "
+                    "the request was withdrawn",
                 )
-            yield _Wait(session_id, min(left, 0.5))
+            yield _Wait(session_id, min(left, APPROVAL_POLL_S))
             decision = yield _Ask(path, again, token)
+            # a renewed lineage token may come with any answer: the next ask presents it
+            token = decision.lineage_token or token
         return decision
+
+    def waiting_message(self, what: str, decision: Decision, limit: float) -> str:
+        """What a waiting step tells the person running the agent: what it waits for,
+        why, and the exact command that approves it."""
+        url = "" if self.url == "http://127.0.0.1:4318" else f" --url {self.url}"
+        aid = decision.approval_id or "?"
+        why = f" ({decision.reason})" if decision.reason else ""
+        return (
+            f"{what} waits up to {limit:g} s for a reviewer's approval {aid}{why}. "
+            f"Approve: uv run agentgov approve {aid}{url}   "
+            f"deny: uv run agentgov approve {aid} --deny{url}   "
+            f"list: uv run agentgov approvals{url}"
+        )
 
     def _handoff_flow(
         self,
@@ -1027,6 +1113,12 @@ class AsyncGovernorClient(GovernorClient):
 
     async def _apost(self, path: str, body: dict[str, Any], token: str = "") -> Any:
         """POST ``body``; the parsed JSON answer. One deadline covers every attempt."""
+        return self._answer(*await self._aexchange(path, body, token))
+
+    async def _aexchange(
+        self, path: str, body: dict[str, Any], token: str = ""
+    ) -> tuple[int, bytes]:
+        """POST ``body``; the answer's status and body. One deadline covers every attempt."""
         payload = json.dumps(body, separators=(",", ":")).encode()
         request = self._request_head(path, len(payload), token) + payload
         pool = await self._pool()
@@ -1061,7 +1153,7 @@ class AsyncGovernorClient(GovernorClient):
                         pool.idle.append(conn)
                     else:
                         conn[1].close()
-            return self._answer(status, data)
+            return status, data
         raise self._unreachable(last)
 
     async def _adecide(self, path: str, body: dict[str, Any], token: str = "") -> Decision:
@@ -1080,6 +1172,12 @@ class AsyncGovernorClient(GovernorClient):
                     result = await self._adecide(op.path, op.body, op.token)
                 elif isinstance(op, _Watch):
                     await self.awatch(op.session_id, op.wait)
+                    result = None
+                elif isinstance(op, _Tell):
+                    try:
+                        await self._apost(op.path, op.body, op.token)
+                    except Stopped as exc:
+                        log.debug("%s not delivered: %s", op.path, exc)
                     result = None
                 else:
                     await self._await_event(self._watch(op.session_id), op.seconds, False)
@@ -1200,6 +1298,14 @@ class AsyncGovernorClient(GovernorClient):
             )
         )
 
+    async def adeclare_plan(self, session_id: str, plan: dict[str, Any]) -> PlanAnswer:
+        """:meth:`declare_plan`, awaited."""
+        try:
+            status, data = await self._aexchange(self._plan_path(session_id), plan)
+        except GovernorUnavailable as exc:
+            return self._plan_unreachable(session_id, exc)
+        return self._plan_answer(session_id, status, data)
+
     async def ausage(
         self,
         session_id: str,
@@ -1285,11 +1391,11 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool
     return status, bytes(body), False
 
 
-def _error_text(data: bytes) -> str:
+def _error_text(data: bytes, limit: int = 300) -> str:
     try:
         parsed = json.loads(data)
     except ValueError:
-        return data[:300].decode(errors="replace")
+        return data[:limit].decode(errors="replace")
     if isinstance(parsed, dict):
-        return str(parsed.get("error") or parsed.get("message") or parsed)[:300]
-    return str(parsed)[:300]
+        return str(parsed.get("error") or parsed.get("message") or parsed)[:limit]
+    return str(parsed)[:limit]

@@ -43,6 +43,7 @@ from agentgov.instrumentation.lineage import (
 )
 from agentgov.instrumentation.lineage_token import SpanProver
 from agentgov.instrumentation.permissions import normalize_all, uncovered
+from agentgov.instrumentation.plan import PlanAnswer, PlannedAgent, plan_body
 from agentgov.instrumentation.propagation import extract, inject, inject_env
 
 INSTRUMENTATION_NAME = "agentgov.instrumentation"
@@ -129,6 +130,54 @@ class SessionScope(_Scope):
     @property
     def intent(self) -> str:
         return self.lineage.intent
+
+    def plan(
+        self,
+        agents: Sequence[PlannedAgent | Mapping[str, Any]],
+        max_fanout: int,
+        max_depth: int,
+        budget_usd: float,
+        max_tool_calls: int | None = None,
+    ) -> PlanAnswer:
+        """Declare what this run will do, before its first agent starts: the roles it will
+        use (each with its permissions, tools, resources, environments and egress), its
+        fan-out, depth and budget.
+
+        The governor answers with the plan's blast radius and, when the policy asks for
+        one, a reviewer's approval to wait for: the root agent's start then waits for it
+        (``approval_timeout``). While the plan holds, steps inside it need no approval of
+        their own; steps outside it are stopped or sent to a reviewer (``out_of_scope``).
+        A plan the governor refuses raises
+        :class:`~agentgov.instrumentation.plan.PlanRejected` naming the field and the fix.
+        """
+        return self._governor_for_plan().declare_plan(
+            self.session_id,
+            plan_body(agents, max_fanout, max_depth, budget_usd, max_tool_calls, self.intent),
+        )
+
+    async def aplan(
+        self,
+        agents: Sequence[PlannedAgent | Mapping[str, Any]],
+        max_fanout: int,
+        max_depth: int,
+        budget_usd: float,
+        max_tool_calls: int | None = None,
+    ) -> PlanAnswer:
+        """:meth:`plan`, declared without holding the event loop."""
+        body = plan_body(agents, max_fanout, max_depth, budget_usd, max_tool_calls, self.intent)
+        governor = self._governor_for_plan()
+        if isinstance(governor, AsyncGovernorClient):
+            return await governor.adeclare_plan(self.session_id, body)
+        return await asyncio.to_thread(governor.declare_plan, self.session_id, body)
+
+    def _governor_for_plan(self) -> GovernorClient:
+        governor = self._gov.governor
+        if governor is None:
+            raise RuntimeError(
+                "a plan is declared to the governor: pass governor=GovernorClient(url) to "
+                "Governance"
+            )
+        return governor
 
     def agent(self, name: str, **kwargs: Any) -> AgentSpan:
         """Open the root agent of this session (depth 0); with a governor, its start is

@@ -670,6 +670,9 @@ class AlertEngine:
                 )
         elif action == "approval_required":
             approval_id = self._governor.escalate(sid, actor=actor, reason=rule.name)
+            if approval_id:
+                # the rule's Slack message (a later action) carries Approve and Deny for it
+                firing.values["approval_id"] = approval_id
             if journal is not None:
                 journal.event(
                     firing.alert_id,
@@ -690,6 +693,7 @@ class AlertEngine:
                 reason=str(firing.values.get("reason") or rule.description or rule.name),
                 chain=tuple(str(a) for a in firing.values.get("chain", ())),
                 actions=tuple(rule.actions),
+                approval_id=str(firing.values.get("approval_id") or ""),
             )
             if self._notifier is not None:
                 self._notifier.notify(notice)
@@ -734,7 +738,17 @@ class AlertEngine:
                     try:
                         rows = self._query(client, rule)
                     except Exception as exc:
-                        self.stats.sql_errors[rule.name] = str(exc).splitlines()[0][:500]
+                        error = str(exc).splitlines()[0][:500] if str(exc) else repr(exc)
+                        if self.stats.sql_errors.get(rule.name) != error:
+                            # once per new error, not every interval: the person reading
+                            # the log learns the rule is broken, and why
+                            log.warning(
+                                "alert rule %s: its sql failed and the rule does not fire "
+                                "until it is fixed: %s",
+                                rule.name,
+                                error,
+                            )
+                        self.stats.sql_errors[rule.name] = error
                         continue
                     self.stats.sql_runs += 1
                     self.stats.sql_errors.pop(rule.name, None)

@@ -48,6 +48,9 @@ SENT, RETRY, DROPPED = SLACK_SENT, SLACK_RETRY, SLACK_DROPPED
 
 _ICON = {"critical": "🛑", "warning": "⚠️", "info": "ℹ️"}
 
+#: action ids of the Approve and Deny buttons on an approval's message
+APPROVE_ACTION, DENY_ACTION = "agentgov_approve", "agentgov_deny"
+
 #: the drill-down dashboard's uid (dashboards/), reached as /d/<uid>?var-session=<id>
 SESSION_DASHBOARD_UID = "agentgov-session"
 
@@ -65,6 +68,8 @@ class Notice:
     chain: tuple[str, ...] = ()
     actions: tuple[str, ...] = ()
     created: float = field(default_factory=time.time)
+    #: a pending approval the message lets reviewers decide (Approve / Deny buttons)
+    approval_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -191,16 +196,25 @@ def blocks_for(notice: Notice, grafana_url: str | None = None) -> list[dict[str,
             ]
         ),
     ]
+    buttons: list[ButtonElement] = []
+    if notice.approval_id:
+        # handled by the collector's Slack interactivity endpoint (alerts/slack_actions.py)
+        buttons += [
+            ButtonElement(
+                text="Approve", action_id=APPROVE_ACTION, value=notice.approval_id, style="primary"
+            ),
+            ButtonElement(
+                text="Deny", action_id=DENY_ACTION, value=notice.approval_id, style="danger"
+            ),
+        ]
     if grafana_url:
         link = (
             f"{grafana_url.rstrip('/')}/d/{SESSION_DASHBOARD_UID}"
             f"?var-session={quote(notice.session_id, safe='')}"
         )
-        out.append(
-            ActionsBlock(
-                elements=[ButtonElement(text="Open the session", url=link, action_id="open")]
-            )
-        )
+        buttons.append(ButtonElement(text="Open the session", url=link, action_id="open"))
+    if buttons:
+        out.append(ActionsBlock(block_id="agentgov_actions", elements=buttons))
     return [b.to_dict() for b in out]
 
 

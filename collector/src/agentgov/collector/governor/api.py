@@ -36,6 +36,9 @@ from agentgov.collector.governor.engine import (
     UsageRequest,
 )
 from agentgov.collector.governor.events import ControlHub
+from agentgov.collector.governor.plan import parse_plan
+from agentgov.collector.governor.policy import PolicyError, parse_policy
+from agentgov.collector.governor.simulate import MAX_SESSIONS, Simulator, load_sessions
 from agentgov.collector.governor.tokens import LineageInvalid
 from agentgov.instrumentation.governor import Decision
 from agentgov.instrumentation.lineage import check_id
@@ -137,6 +140,21 @@ class KillBody(_Body):
 class ApprovalBody(_Body):
     approver: str = Field(default="", max_length=256)
     comment: str = Field(default="", max_length=4000)
+    #: how long a plan approval holds (plan approvals only; bounded by the policy's
+    #: session_approval.max_ttl_s)
+    ttl_s: float | None = Field(default=None, gt=0, le=30 * 86_400, allow_inf_nan=False)
+
+
+class SimulateBody(_Body):
+    """A candidate policy (its YAML text) and the stored sessions to replay under it."""
+
+    policy: str = Field(min_length=1, max_length=60_000)
+    #: one session; without it, the sessions active within ``since_s``
+    session_id: str = ""
+    since_s: float = Field(default=86_400, gt=0, le=30 * 86_400, allow_inf_nan=False)
+    limit: int = Field(default=10_000, ge=1, le=MAX_SESSIONS)
+
+    _opt = field_validator("session_id")(_opt_id)
 
 
 B = TypeVar("B", bound=_Body)
@@ -163,6 +181,17 @@ async def _body(request: Request, model: type[B]) -> B:
         raise BadRequest(f"invalid request: {problems}") from exc
 
 
+async def _json(request: Request) -> Any:
+    """The request's body as JSON (at most the usual 64 KiB)."""
+    raw = await request.body()
+    if len(raw) > _MAX_BODY:
+        raise BadRequest(f"request body exceeds {_MAX_BODY} bytes")
+    try:
+        return json.loads(raw or b"{}")
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -181,6 +210,10 @@ class GovernorApi:
         self.hub = hub
         self.analytics = analytics
         self.audit_writer = audit_writer
+        # Slack's Approve / Deny buttons (AGENTGOV_SLACK_SIGNING_SECRET turns them on)
+        from agentgov.collector.alerts.slack_actions import SlackInteractions
+
+        self.slack = SlackInteractions.from_env(governor)
 
     def _caller(self, request: Request, action: str) -> Caller | None:
         return self.keys.authorize(request.headers.get("authorization"), action)
@@ -204,6 +237,8 @@ class GovernorApi:
             return _error(404 if "unknown" in str(exc) else 409, str(exc))
         except SessionNotFound as exc:
             return _error(404, f"no decisions recorded for session {exc.args[0]!r}")
+        except audit.AuditUnavailable as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "5"})
         if isinstance(result, Response):
             return result
         return JSONResponse(result)
@@ -211,6 +246,9 @@ class GovernorApi:
     def _fail_safe(self, fn: Any, *args: Any) -> dict[str, Any]:
         try:
             decision: Decision = fn(*args)
+        except audit.AuditUnavailable as exc:
+            # never on_error's allow: a decision nobody could record must not go ahead
+            return {"outcome": "stop", "reason": exc.reason, "detail": exc.detail}
         except Exception:
             log.exception("the governor could not decide")
             outcome = "allow" if self.governor.policy.on_error == "allow" else "stop"
@@ -231,7 +269,7 @@ class GovernorApi:
 
     async def approvals(self, request: Request) -> Response:
         status = request.query_params.get("status")
-        allowed = ("pending", "approved", "denied", "expired", "cancelled")
+        allowed = ("pending", "approved", "denied", "expired", "cancelled", "revoked")
         if status is not None and status not in allowed:
             return _error(400, f"query parameter 'status' must be one of {', '.join(allowed)}")
         raw = request.query_params.get("include_escalated", "false").lower()
@@ -240,10 +278,24 @@ class GovernorApi:
         folded = raw in ("true", "1")
 
         async def go(caller: Caller | None) -> dict[str, Any]:
-            return {"approvals": self.governor.approvals(status, include_escalated=folded)}
+            rows = self.governor.approvals(status, include_escalated=folded)
+            return {"approvals": [self._for_reviewer(a) for a in rows]}
 
         # what every session waits for is the reviewers' business, not the agents'
         return await self._handle(request, "approve", go)
+
+    def _for_reviewer(self, approval: dict[str, Any]) -> dict[str, Any]:
+        """An approval with what a reviewer weighs it by: the asking agent's delegation
+        chain and the session's risk so far (from the governor's state)."""
+        sid = str(approval["session_id"])
+        agent = str(approval.get("requested_by") or "")
+        lineage = self.governor.lineage(sid).get(agent)
+        chain = list(lineage["chain"]) if lineage else ([agent] if agent else [])
+        to_agent = approval.get("request", {}).get("to_agent")
+        if approval.get("kind") == "handoff" and to_agent and to_agent not in chain:
+            chain.append(str(to_agent))  # the delegation asked for: chain and new agent
+        live = self.governor.session(sid) or {}
+        return {**approval, "chain": chain, "session_risk": live.get("decided_risk", 0)}
 
     async def approval(self, request: Request) -> Response:
         async def go(caller: Caller | None) -> dict[str, Any]:
@@ -263,6 +315,7 @@ class GovernorApi:
                 approver,
                 body.comment,
                 _name(caller),
+                ttl_s=body.ttl_s,
             )
 
         return await self._handle(request, "approve", go)
@@ -272,6 +325,17 @@ class GovernorApi:
 
     async def deny(self, request: Request) -> Response:
         return await self._decide(request, False)
+
+    async def withdraw(self, request: Request) -> Response:
+        """The agent that asked stopped waiting (it gave up or was told not to wait): its
+        request leaves the reviewers' queue, cancelled."""
+
+        async def go(caller: Caller | None) -> dict[str, Any]:
+            return self.governor.withdraw_approval(
+                _id(request.path_params["approval_id"]), _name(caller)
+            )
+
+        return await self._handle(request, "decide", go)
 
     # -- kill and events -------------------------------------------------------------------
 
@@ -358,9 +422,12 @@ class GovernorApi:
     async def verify(self, request: Request) -> Response:
         async def go(caller: Caller | None) -> dict[str, Any]:
             sid = _id(request.path_params["session_id"])
+            pending: list[Any] = []
             if self.audit_writer is not None:
-                await run_in_threadpool(self.audit_writer.flush, 5.0)
-            return await run_in_threadpool(self.analytics.verify_decisions, sid)
+                await run_in_threadpool(self.audit_writer.flush, 1.0)
+                # records still in the local audit log are "not yet drained", not deleted
+                pending = self.audit_writer.pending_records(sid)
+            return await run_in_threadpool(self.analytics.verify_decisions, sid, pending)
 
         return await self._handle(request, "read", go)
 
@@ -387,6 +454,69 @@ class GovernorApi:
 
         return await self._handle(request, "policy", go)
 
+    # -- plans and policy simulation --------------------------------------------------------
+
+    async def declare_plan(self, request: Request) -> Response:
+        """Declare a session's plan before its first agent starts (the orchestrator's API
+        key; the root then starts with the same key). Answers the blast radius and whether
+        a reviewer must approve the plan first."""
+
+        async def go(caller: Caller | None) -> dict[str, Any]:
+            sid = _id(request.path_params["session_id"])
+            plan = parse_plan(await _json(request), "plan")
+            return self.governor.declare_plan(sid, plan, _name(caller))
+
+        return await self._handle(request, "decide", go)
+
+    async def plan(self, request: Request) -> Response:
+        """A session's plan: blast radius, approval, and drift (what its steps touched that
+        the plan did not name)."""
+
+        async def go(caller: Caller | None) -> dict[str, Any]:
+            sid = _id(request.path_params["session_id"])
+            view = self.governor.plan_view(sid)
+            if view is None:
+                raise UnknownSession(f"unknown plan: session {sid!r} declared none")
+            return view
+
+        return await self._handle(request, "read", go)
+
+    async def check_plan(self, request: Request) -> Response:
+        """A plan checked against the policy in force, with its blast radius and whether it
+        would need a reviewer; nothing is declared."""
+
+        async def go(caller: Caller | None) -> dict[str, Any]:
+            plan = parse_plan(await _json(request), "plan")
+            return self.governor.check_plan(plan)
+
+        return await self._handle(request, "read", go)
+
+    async def simulate(self, request: Request) -> Response:
+        """Replay stored sessions' decisions under a candidate policy; changes nothing."""
+
+        async def go(caller: Caller | None) -> dict[str, Any]:
+            body = await _body(request, SimulateBody)
+            try:
+                candidate = parse_policy(body.policy, "candidate policy")
+            except PolicyError as exc:
+                raise BadRequest(str(exc)) from exc
+            if self.audit_writer is not None:
+                await run_in_threadpool(self.audit_writer.flush, 5.0)
+            sessions = await run_in_threadpool(
+                self.analytics.recorded_sessions,
+                load_sessions,
+                body.session_id or None,
+                body.since_s,
+                body.limit,
+            )
+            if body.session_id and not sessions:
+                raise SessionNotFound(body.session_id)
+            simulator = Simulator(candidate, self.governor.rules)
+            report = await run_in_threadpool(simulator.run, sessions)
+            return report.as_json()
+
+        return await self._handle(request, "simulate", go)
+
     def _check_stream_token(self, caller: Caller | None, session_id: str, token: str) -> None:
         """Where the policy requires verified lineage, an agent key hears only the sessions
         it holds a lineage token of."""
@@ -412,13 +542,19 @@ class GovernorApi:
             Route("/api/v1/approvals/{approval_id}", self.approval, methods=["GET"]),
             Route("/api/v1/approvals/{approval_id}/approve", self.approve, methods=["POST"]),
             Route("/api/v1/approvals/{approval_id}/deny", self.deny, methods=["POST"]),
+            Route("/api/v1/approvals/{approval_id}/withdraw", self.withdraw, methods=["POST"]),
             Route("/api/v1/sessions/{session_id}/kill", self.kill, methods=["POST"]),
             Route("/api/v1/sessions/{session_id}/stopped", self.stopped, methods=["POST"]),
             Route("/api/v1/sessions/{session_id}/events", self.events, methods=["GET"]),
             Route("/api/v1/sessions/{session_id}/decisions", self.decisions, methods=["GET"]),
             Route("/api/v1/sessions/{session_id}/decisions/verify", self.verify, methods=["GET"]),
+            Route("/api/v1/sessions/{session_id}/plan", self.declare_plan, methods=["POST"]),
+            Route("/api/v1/sessions/{session_id}/plan", self.plan, methods=["GET"]),
+            Route("/api/v1/plans/check", self.check_plan, methods=["POST"]),
+            Route("/api/v1/policy/simulate", self.simulate, methods=["POST"]),
             Route("/api/v1/policy", self.policy, methods=["GET"]),
             Route("/api/v1/policy/reload", self.reload, methods=["POST"]),
+            *(self.slack.routes() if self.slack is not None else []),
         ]
 
 

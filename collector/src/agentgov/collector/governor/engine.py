@@ -24,12 +24,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from agentgov.collector.governor.blast import blast_radius, needs_approval
+from agentgov.collector.governor.plan import Plan, check_plan
 from agentgov.collector.governor.policy import MultiAgentPolicy, PolicySource
+from agentgov.collector.governor.scope import agent_key
 from agentgov.collector.governor.state import (
     ALLOW,
     APPROVAL,
     APPROVAL_REQUIRED,
     KILL,
+    PLAN,
+    PLAN_APPROVED,
+    PLAN_PENDING,
     POST_HANDOFF,
     PRE_HANDOFF,
     STOP,
@@ -37,6 +43,7 @@ from agentgov.collector.governor.state import (
     TOOL,
     AgentState,
     Approval,
+    PlanState,
     Record,
     SessionState,
     apply,
@@ -47,6 +54,10 @@ from agentgov.instrumentation.governor import Decision
 from agentgov.instrumentation.permissions import is_production, is_write, uncovered
 
 log = logging.getLogger(__name__)
+
+
+#: the reason of an answer to a re-ask of an approval still waiting for a reviewer
+AWAITING = "awaiting_approval"
 
 
 class GovernorError(RuntimeError):
@@ -69,6 +80,26 @@ class _Refused(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    """What judging a step found, before it is recorded."""
+
+    outcome: str
+    reason: str = ""
+    owner: str = ""
+    #: more to say about a stop (which tool, which limit)
+    detail: str = ""
+    #: the approval the answer points to when it is not the step's own (the plan's)
+    approval_id: str = ""
+    #: what the step touches that the session's plan did not name
+    drift: tuple[str, ...] = ()
+    #: the plan approval that stood in for this step's own approval
+    via_plan: str = ""
+
+
+_ALLOWED = _Verdict(ALLOW)
 
 
 @dataclass(frozen=True)
@@ -136,11 +167,16 @@ class Governor:
         clock: Callable[[], float] = time.time,
         tokens: LineageTokens | None = None,
         encode: Encoder | None = None,
+        journal: Sink | None = None,
     ) -> None:
+        """``journal(record, row)`` makes a record durable before it is applied (the
+        local audit log); it raises to refuse the record, which then changes nothing.
+        ``sink(record, row)`` sees each record after it was applied."""
         self.policy_source = policy
         self.rules = rules
         self._sink = sink
         self._encode = encode
+        self._journal = journal
         self._clock = clock
         #: issues and verifies lineage tokens; None: a governor that issues none
         self.tokens = tokens
@@ -178,6 +214,9 @@ class Governor:
         ).seal(state.last_hash)
         # serialized before it is applied: a record that cannot be stored changes nothing
         row = self._encode(record) if self._encode is not None else ""
+        if self._journal is not None:
+            # durable before it is applied: no answer, no state, without its record
+            self._journal(record, row)
         apply(state, record, self._approvals)
         if self._sink is not None:
             self._sink(record, row)
@@ -328,8 +367,9 @@ class Governor:
         agent: str,
         caller: str,
         request: dict[str, Any],
+        approval_id: str = "",
     ) -> str:
-        aid = f"apr-{secrets.token_hex(8)}"
+        aid = approval_id or f"apr-{secrets.token_hex(8)}"
         now = self._clock()
         self._record(
             state,
@@ -372,10 +412,61 @@ class Governor:
         if approval.status == "approved":
             return None
         if approval.status == "pending":
-            return APPROVAL_REQUIRED, "awaiting_approval"
+            return APPROVAL_REQUIRED, AWAITING
         if approval.status == "cancelled":
             return STOP, "session_killed"
         return STOP, "approval_expired" if approval.status == "expired" else "approval_denied"
+
+    def _still_waiting(
+        self,
+        verdict: _Verdict,
+        approval_id: str,
+        state: SessionState,
+        risk: int | None = None,
+        renewed: str = "",
+    ) -> Decision:
+        """The answer to a re-ask of an approval still pending: no record. A waiting agent
+        asks again whenever it wakes; the request and the reviewer's decision are the
+        records, never each ask in between (one wait would otherwise add hundreds of
+        hash-chained records, replayed at every restart)."""
+        decision = Decision(
+            APPROVAL_REQUIRED,
+            AWAITING,
+            "",
+            approval_id,
+            risk,
+            lineage_token=renewed,
+            detail=verdict.detail,
+        )
+        return self._finish(decision, APPROVAL_REQUIRED, state)
+
+    def withdraw_approval(self, approval_id: str, caller: str = "") -> dict[str, Any]:
+        """The requesting agent stopped waiting: its pending request is cancelled (reason
+        ``withdrawn``) so reviewers no longer see it. Only the API key that asked may
+        withdraw (with keys off, anyone who can reach the API, as for every request)."""
+        with self._lock:
+            approval = self._approvals.get(approval_id)
+            if approval is None:
+                raise GovernorError(f"unknown approval {approval_id!r}")
+            if approval.requester != caller:
+                raise Forbidden(
+                    f"approval {approval_id} was asked for with another API key: only the "
+                    "agent that asked may withdraw it"
+                )
+            if approval.status != "pending":
+                return approval.public()  # decided, expired or withdrawn already: nothing to do
+            self._record(
+                self._session(approval.session_id),
+                APPROVAL,
+                "cancelled",
+                reason="withdrawn",
+                from_agent=approval.requested_by,
+                actor=caller,
+                detail={"approval_id": approval_id},
+            )
+            payload = approval.public()
+        self._emit("approval", payload)
+        return payload
 
     def approvals(
         self, status: str | None = None, include_escalated: bool = False
@@ -413,7 +504,8 @@ class Governor:
                 for a in self._approvals.values()
                 if a.session_id == session_id
                 and a.status == "pending"
-                and a.kind != "session"
+                # a plan is approved on its own, with a TTL, never folded
+                and a.kind not in ("session", "plan")
                 and not a.escalated_to
             ]
             if not covers:
@@ -446,9 +538,20 @@ class Governor:
             return approval.public()
 
     def decide_approval(
-        self, approval_id: str, approve: bool, approver: str, comment: str = "", caller: str = ""
+        self,
+        approval_id: str,
+        approve: bool,
+        approver: str,
+        comment: str = "",
+        caller: str = "",
+        ttl_s: float | None = None,
     ) -> dict[str, Any]:
-        """Approve or deny a pending request. The requester may not decide its own."""
+        """Approve or deny a pending request. The requester may not decide its own.
+
+        A session plan is approved for ``ttl_s`` seconds (required, at most the policy's
+        ``session_approval.max_ttl_s``): while it holds, the session's steps inside the
+        plan need no approval of their own; afterwards they stop.
+        """
         with self._lock:
             approval = self._approvals.get(approval_id)
             if approval is None:
@@ -463,6 +566,18 @@ class Governor:
                 caller and caller in (approval.requested_by, approval.requester)
             ):
                 raise Forbidden("an agent cannot approve or deny its own request")
+            detail: dict[str, Any] = {"approval_id": approval_id, "comment": comment}
+            if approval.kind == "plan" and approve:
+                longest = self.policy.session_approval.max_ttl_s
+                if ttl_s is None or not 0 < ttl_s <= longest:
+                    raise ValueError(
+                        "a plan approval holds for a stated time: give ttl_s, more than 0 and "
+                        f"at most {longest} seconds (session_approval.max_ttl_s)"
+                    )
+                detail["ttl_s"] = ttl_s
+                detail["holds_until"] = round(self._clock() + ttl_s, 6)
+            elif ttl_s is not None and approval.kind != "plan":
+                raise ValueError("ttl_s is for plan approvals only: leave it out")
             state = self._session(approval.session_id)
             outcome = "approved" if approve else "denied"
             self._record(
@@ -471,7 +586,7 @@ class Governor:
                 outcome,
                 from_agent=approval.requested_by,
                 actor=approver,
-                detail={"approval_id": approval_id, "comment": comment},
+                detail=detail,
             )
             settled = [approval.public()]
             for covered_id in (
@@ -527,25 +642,30 @@ class Governor:
                 who = self._identify(req.session_id, req.from_agent, req.token, caller, root=True)
                 parent = who.agent
                 self._check_target(who, req.to_agent)
+                state = who.session or self._session(req.session_id)  # a root: named session
+                self._check_planner(state, parent, caller)
             except _Refused as refused:
                 return self._refuse(refused, caller)
-            state = who.session or self._session(req.session_id)  # a root: named session
             from_agent = parent.agent_id if parent is not None else ""
             depth = parent.depth + 1 if parent is not None else 0
-            outcome, reason, owner = self._judge_handoff(state, req, parent, depth, caller)
-            approval_id = req.approval_id
+            back = self._task_return(state, req, parent)
+            verdict = self._judge_handoff(state, req, parent, depth, caller, back)
+            outcome, reason = verdict.outcome, verdict.reason
+            approval_id = verdict.approval_id or req.approval_id
+            if reason == AWAITING:
+                return self._still_waiting(verdict, approval_id, state)
             if outcome == APPROVAL_REQUIRED and not approval_id:
+                request: dict[str, Any] = {
+                    "from_agent": from_agent,
+                    "to_agent": req.to_agent,
+                    "task": req.task,
+                    "permissions": req.permissions,
+                }
+                if verdict.drift:  # the reviewer sees what lies outside the plan
+                    request["out_of_scope"] = list(verdict.drift)
+                request["reason"] = reason  # why a reviewer is asked (approvals list, Slack)
                 approval_id = self._request_approval(
-                    state,
-                    "handoff",
-                    from_agent or req.to_agent,
-                    caller,
-                    {
-                        "from_agent": from_agent,
-                        "to_agent": req.to_agent,
-                        "task": req.task,
-                        "permissions": req.permissions,
-                    },
+                    state, "handoff", from_agent or req.to_agent, caller, request
                 )
             perms = req.permissions
             if perms is None and parent is not None:
@@ -564,30 +684,59 @@ class Governor:
                     perms,
                     ttl_s=self.policy.lineage_ttl_s,
                 )
+            detail: dict[str, Any] = {
+                "permissions": perms,
+                "estimated_usd": req.estimated_usd,
+                "role": req.to_role,
+                "approval_id": approval_id,
+                "lock": self.policy.ownership_lock,
+                "chain": list(chain),
+                "token_id": token_id,
+                "verified": who.verified,
+            }
+            self._note(detail, verdict, back, req.permissions is None and perms is not None)
             self._record(
                 state,
                 PRE_HANDOFF,
                 outcome,
                 reason=reason,
-                owner=owner,
+                owner=verdict.owner,
                 from_agent=from_agent,
                 to_agent=req.to_agent,
                 task=req.task,
                 depth=depth,
                 actor=caller,
-                detail={
-                    "permissions": perms,
-                    "estimated_usd": req.estimated_usd,
-                    "role": req.to_role,
-                    "approval_id": approval_id,
-                    "lock": self.policy.ownership_lock,
-                    "chain": list(chain),
-                    "token_id": token_id,
-                    "verified": who.verified,
-                },
+                detail=detail,
             )
-            decision = Decision(outcome, reason, owner, approval_id, lineage_token=token)
+            decision = Decision(
+                outcome,
+                reason,
+                verdict.owner,
+                approval_id,
+                lineage_token=token,
+                detail=verdict.detail,
+            )
             return self._finish(decision, outcome, state)
+
+    @staticmethod
+    def _note(
+        detail: dict[str, Any],
+        verdict: _Verdict,
+        back: tuple[str, int] | None = None,
+        inherited: bool = False,
+    ) -> None:
+        """What a record says beyond the request, only when there is something to say (the
+        common step's record stays as small as before)."""
+        if verdict.drift:
+            detail["drift"] = list(verdict.drift)
+        if verdict.via_plan:
+            detail["via_plan"] = verdict.via_plan
+        if back is not None:
+            detail["return"] = {"agent": back[0], "count": back[1]}
+        if inherited:
+            # the child named no permissions and holds its parent's: a replay judges the
+            # request as made, not as recorded
+            detail["inherited"] = True
 
     def _check_target(self, who: _Who, to_agent: str) -> None:
         """The new agent's id must be new to the session (or a re-delegation by the same
@@ -604,6 +753,81 @@ class Governor:
         if parent is not None and to_agent in parent.chain:
             raise _Refused("lineage_invalid", f"{to_agent} is in its own delegation chain: a cycle")
 
+    @staticmethod
+    def _check_planner(state: SessionState, parent: AgentState | None, caller: str) -> None:
+        """A planned session's root starts with the API key that declared the plan: a plan
+        (and its approval) cannot be borrowed by another caller."""
+        plan = state.plan
+        if parent is None and plan is not None and plan.declared_by != caller:
+            raise _Refused(
+                "lineage_invalid",
+                f"session {state.session_id}'s plan was declared with another API key: its "
+                "root agent starts with the key that declared it",
+            )
+
+    @staticmethod
+    def _task_return(
+        state: SessionState, req: HandoffRequest, parent: AgentState | None
+    ) -> tuple[str, int] | None:
+        """(agent, returns so far) when this delegation hands a task back to an agent that
+        had it before: the same agent again, or an agent of the same role (or name) up
+        the delegating chain (A hands to B, B back to A). None for a first hand."""
+        if not req.task:
+            return None
+        key = agent_key(req.to_role, req.to_agent)
+        existing = state.agents.get(req.to_agent)
+        back = existing is not None and existing.task == req.task
+        if not back and parent is not None:
+            for aid in reversed(parent.chain):
+                held = state.agents.get(aid)
+                if (
+                    held is not None
+                    and held.task == req.task
+                    and agent_key(held.role, held.agent_id) == key
+                ):
+                    back = True
+                    break
+        if not back:
+            return None
+        return key, state.task_returns.get((key, req.task), 0) + 1
+
+    def _plan_gate(self, plan: PlanState) -> _Verdict | None:
+        """What the plan's approval says before anything else: wait for it, stop (denied,
+        expired, taken back), or go on judging (None)."""
+        status = plan.status
+        if status == PLAN_APPROVED:
+            if plan.holds_until is not None and self._clock() >= plan.holds_until:
+                return _Verdict(
+                    STOP,
+                    "plan_approval_expired",
+                    detail=f"the plan approval {plan.approval_id} by {plan.approved_by} held "
+                    f"{plan.ttl_s:g} s; a new session with a new plan goes on",
+                )
+            return None
+        if status == PLAN_PENDING:
+            approval = self._approvals.get(plan.approval_id)
+            if approval is not None and self._clock() >= approval.expires:
+                self._expire(approval)  # the plan's status follows (apply)
+            else:
+                return _Verdict(
+                    APPROVAL_REQUIRED, "plan_approval_required", approval_id=plan.approval_id
+                )
+            status = plan.status
+        if status == "denied":
+            return _Verdict(STOP, "approval_denied", detail="a reviewer denied the session's plan")
+        if status == "expired":
+            return _Verdict(STOP, "approval_expired", detail="nobody approved the plan in time")
+        if status in ("revoked", "cancelled"):
+            return _Verdict(STOP, "session_killed")
+        return None
+
+    def _out_of_scope(self, drift: tuple[str, ...]) -> _Verdict:
+        """A step outside the plan: stopped, or sent to a reviewer, as the policy says."""
+        detail = "outside the session's plan: " + "; ".join(drift)
+        if self.policy.session_approval.out_of_scope == "stop":
+            return _Verdict(STOP, "out_of_scope", detail=detail, drift=drift)
+        return _Verdict(APPROVAL_REQUIRED, "out_of_scope", detail=detail, drift=drift)
+
     def _judge_handoff(
         self,
         state: SessionState,
@@ -611,13 +835,20 @@ class Governor:
         parent: AgentState | None,
         depth: int,
         caller: str,
-    ) -> tuple[str, str, str]:
+        back: tuple[str, int] | None = None,
+    ) -> _Verdict:
         p = self.policy
         if state.killed:
-            return STOP, "session_killed", ""
+            return _Verdict(STOP, "session_killed")
+        plan = state.plan
+        if plan is not None:
+            held = self._plan_gate(plan)
+            if held is not None:
+                return held
         approved = False
         from_agent = parent.agent_id if parent is not None else ""
-        if req.approval_id:
+        # the plan's own approval id comes back with the root's start: it is no step's
+        if req.approval_id and (plan is None or req.approval_id != plan.approval_id):
             gate = self._approval_gate(
                 state,
                 req.approval_id,
@@ -632,7 +863,7 @@ class Governor:
                 caller,
             )
             if gate is not None:
-                return gate[0], gate[1], ""
+                return _Verdict(gate[0], gate[1])
             approved = True
         if req.task:
             owner_role = p.owner_of(req.task)
@@ -641,57 +872,99 @@ class Governor:
                 and owner_role not in (req.to_role, req.to_agent)
                 and not (req.to_agent.startswith(owner_role + "-"))
             ):
-                return STOP, "ownership_conflict", owner_role
+                return _Verdict(STOP, "ownership_conflict", owner_role)
             holder = state.owners.get(req.task)
             if p.ownership_lock and holder and holder != req.to_agent:
                 holder_state = state.agents.get(holder)
                 if holder_state is not None and holder_state.active:
-                    return STOP, "ownership_conflict", holder
+                    return _Verdict(STOP, "ownership_conflict", holder)
         if p.max_delegation_depth is not None and depth > p.max_delegation_depth:
-            return STOP, "delegation_depth_exceeded", ""
+            return _Verdict(STOP, "delegation_depth_exceeded")
         if parent is not None and p.max_handoffs is not None and state.handoffs >= p.max_handoffs:
-            return STOP, "handoff_budget_exceeded", ""
-        if req.to_agent not in state.agents:
+            return _Verdict(STOP, "handoff_budget_exceeded")
+        new_agent = req.to_agent not in state.agents
+        if new_agent:
             if p.max_agents_per_run is not None and len(state.agents) >= p.max_agents_per_run:
-                return STOP, "agent_budget_exceeded", ""
+                return _Verdict(STOP, "agent_budget_exceeded")
             if (
                 p.max_concurrent_agents is not None
                 and state.active_agents >= p.max_concurrent_agents
             ):
-                return STOP, "concurrency_limit", ""
+                return _Verdict(STOP, "concurrency_limit")
         if p.shared_max_usd is not None and state.usd + req.estimated_usd > p.shared_max_usd:
-            return STOP, "shared_budget_exceeded", ""
+            return _Verdict(STOP, "shared_budget_exceeded")
         if p.shared_max_tool_calls is not None and state.tool_calls >= p.shared_max_tool_calls:
-            return STOP, "shared_budget_exceeded", ""
+            return _Verdict(STOP, "shared_budget_exceeded")
+        if back is not None and p.max_task_returns is not None and back[1] > p.max_task_returns:
+            return _Verdict(
+                STOP,
+                "delegation_loop",
+                detail=f"task {req.task[:120]!r} would come back to {back[0]} for the "
+                f"{back[1]}th time (max_task_returns {p.max_task_returns})",
+            )
         wanted = req.permissions
         if wanted is not None:
             if parent is not None and parent.permissions is not None:
                 if uncovered(wanted, parent.permissions):
-                    return STOP, "permission_escalation", ""
+                    return _Verdict(STOP, "permission_escalation")
             role_grants = p.permissions.get(req.to_role) if req.to_role else None
             if role_grants is not None and uncovered(wanted, role_grants):
-                return STOP, "permission_escalation", ""
+                return _Verdict(STOP, "permission_escalation")
+        # what the child may do: its own grants, or its parent's when it names none
+        grants = (
+            list(wanted)
+            if wanted is not None
+            else list(parent.permissions or () if parent is not None else ())
+        )
+        if plan is not None and not approved:
+            drift = plan.scope.handoff_drift(
+                req.to_role,
+                req.to_agent,
+                grants,
+                req.task,
+                depth,
+                new_agent,
+                self._of_role(state, plan, req.to_role, req.to_agent),
+                sum(1 for a in state.agents.values() if a.parent == from_agent)
+                if parent is not None
+                else None,
+                state.usd + req.estimated_usd,
+            )
+            if drift:
+                return self._out_of_scope(drift)
         if not approved:
             risky = p.high_risk_delegation
-            # what the child may do: its own grants, or its parent's when it names none
-            grants = (
-                list(wanted)
-                if wanted is not None
-                else list(parent.permissions or () if parent is not None else ())
-            )
+            asks = ""
             if (risky.write and any(is_write(x) for x in grants)) or (
                 risky.production
                 and (any(is_production(x) for x in grants) or is_production(req.task))
             ):
-                return APPROVAL_REQUIRED, "high_risk_delegation", ""
-            if req.task and f"task:{req.task}" in p.require_approval_for:
-                return APPROVAL_REQUIRED, "approval_required_for_task", ""
-        return ALLOW, "", ""
+                asks = "high_risk_delegation"
+            elif req.task and f"task:{req.task}" in p.require_approval_for:
+                asks = "approval_required_for_task"
+            if asks:
+                if plan is not None and plan.by_reviewer:
+                    # inside a plan a reviewer approved: that approval answers for the step
+                    return _Verdict(ALLOW, via_plan=plan.approval_id)
+                return _Verdict(APPROVAL_REQUIRED, asks)
+        return _ALLOWED
+
+    @staticmethod
+    def _of_role(state: SessionState, plan: PlanState, role: str, agent_id: str) -> int:
+        """How many agents of the planned role the delegation's target belongs to have
+        started in the session."""
+        target = plan.scope.role_of(role, agent_id)
+        if target is None:
+            return 0
+        return sum(
+            1 for a in state.agents.values() if plan.scope.role_of(a.role, a.agent_id) is target
+        )
 
     def tool(self, req: ToolRequest, caller: str = "") -> Decision:
         """Decide a tool or command call; the answer carries the command's risk score."""
         # scored before the lock: RE2 is linear in the command, and the lock stays short
-        risk = self.rules.assess(req.command, req.resources).score
+        assessed = self.rules.assess(req.command, req.resources)
+        risk = assessed.score
         with self._lock:
             try:
                 who = self._identify(req.session_id, req.agent_id, req.token, caller)
@@ -699,16 +972,34 @@ class Governor:
                 return self._refuse(refused, caller)
             state, agent = who.session, who.agent
             assert state is not None and agent is not None
-            outcome, reason, detail = self._judge_tool(state, agent, req, caller)
-            approval_id = req.approval_id
+            verdict = self._judge_tool(state, agent, req, caller, assessed.rules)
+            outcome, reason = verdict.outcome, verdict.reason
+            approval_id = verdict.approval_id or req.approval_id
+            if reason == AWAITING:
+                return self._still_waiting(verdict, approval_id, state, risk, self._renewal(who))
             if outcome == APPROVAL_REQUIRED and not approval_id:
-                approval_id = self._request_approval(
-                    state,
-                    "tool",
-                    agent.agent_id,
-                    caller,
-                    {"agent_id": agent.agent_id, "tool": req.tool, "command": req.command},
-                )
+                request: dict[str, Any] = {
+                    "agent_id": agent.agent_id,
+                    "tool": req.tool,
+                    "command": req.command,
+                }
+                if state.plan is not None:
+                    # in a planned session what a call touches is part of its scope
+                    request["resources"] = req.resources
+                if verdict.drift:
+                    request["out_of_scope"] = list(verdict.drift)
+                request["reason"] = reason  # why a reviewer is asked (approvals list, Slack)
+                approval_id = self._request_approval(state, "tool", agent.agent_id, caller, request)
+            detail: dict[str, Any] = {
+                "tool": req.tool,
+                "command": req.command,
+                "resources": req.resources,
+                "risk": risk,
+                "approval_id": approval_id,
+                "verified": who.verified,
+            }
+            if verdict is not _ALLOWED:
+                self._note(detail, verdict)
             self._record(
                 state,
                 TOOL,
@@ -717,14 +1008,7 @@ class Governor:
                 from_agent=agent.agent_id,
                 depth=agent.depth,
                 actor=caller,
-                detail={
-                    "tool": req.tool,
-                    "command": req.command,
-                    "resources": req.resources,
-                    "risk": risk,
-                    "approval_id": approval_id,
-                    "verified": who.verified,
-                },
+                detail=detail,
             )
             decision = Decision(
                 outcome,
@@ -733,34 +1017,67 @@ class Governor:
                 approval_id,
                 risk,
                 lineage_token=self._renewal(who),
-                detail=detail,
+                detail=verdict.detail,
             )
             return self._finish(decision, outcome, state)
 
     def _judge_tool(
-        self, state: SessionState, agent: AgentState, req: ToolRequest, caller: str
-    ) -> tuple[str, str, str]:
+        self,
+        state: SessionState,
+        agent: AgentState,
+        req: ToolRequest,
+        caller: str,
+        risk_rules: tuple[str, ...] = (),
+    ) -> _Verdict:
         p = self.policy
         if state.killed:
-            return STOP, "session_killed", ""
+            return _Verdict(STOP, "session_killed")
+        plan = state.plan
+        if plan is not None:
+            held = self._plan_gate(plan)
+            if held is not None:
+                return held
         if p.tool_allowlist is not None and req.tool not in p.tool_allowlist:
             allowed = ", ".join(p.tool_allowlist[:20]) or "(none)"
-            return STOP, "tool_not_allowed", f"tool {req.tool!r} is not on the allowlist: {allowed}"
-        if p.shared_max_tool_calls is not None and state.tool_calls >= p.shared_max_tool_calls:
-            return STOP, "shared_budget_exceeded", ""
-        if req.tool in p.require_approval_for:
-            if not req.approval_id:
-                return APPROVAL_REQUIRED, "approval_required_for_tool", ""
-            gate = self._approval_gate(
-                state,
-                req.approval_id,
-                "tool",
-                {"agent_id": agent.agent_id, "tool": req.tool, "command": req.command},
-                caller,
+            return _Verdict(
+                STOP,
+                "tool_not_allowed",
+                detail=f"tool {req.tool!r} is not on the allowlist: {allowed}",
             )
+        if p.shared_max_tool_calls is not None and state.tool_calls >= p.shared_max_tool_calls:
+            return _Verdict(STOP, "shared_budget_exceeded")
+        asks = req.tool in p.require_approval_for
+        approved = False
+        own = req.approval_id and (plan is None or req.approval_id != plan.approval_id)
+        if own and (asks or plan is not None):
+            matches: dict[str, Any] = {
+                "agent_id": agent.agent_id,
+                "tool": req.tool,
+                "command": req.command,
+            }
+            if plan is not None:
+                matches["resources"] = req.resources
+            gate = self._approval_gate(state, req.approval_id, "tool", matches, caller)
             if gate is not None:
-                return gate[0], gate[1], ""
-        return ALLOW, "", ""
+                return _Verdict(gate[0], gate[1])
+            approved = True
+        if plan is not None and not approved:
+            drift = plan.scope.tool_drift(
+                agent.role,
+                agent.agent_id,
+                req.tool,
+                req.resources,
+                risk_rules,
+                state.tool_calls + 1,
+            )
+            if drift:
+                return self._out_of_scope(drift)
+        if asks and not approved:
+            if plan is not None and plan.by_reviewer:
+                # inside a plan a reviewer approved: that approval answers for the call
+                return _Verdict(ALLOW, via_plan=plan.approval_id)
+            return _Verdict(APPROVAL_REQUIRED, "approval_required_for_tool")
+        return _ALLOWED
 
     def usage(self, req: UsageRequest, caller: str = "") -> Decision:
         """Record spend after a handoff ran; stop the agent once the shared budget is spent."""
@@ -771,39 +1088,133 @@ class Governor:
                 return self._refuse(refused, caller)
             state, agent = who.session, who.agent
             assert state is not None and agent is not None
-            p = self.policy
-            after_usd = state.usd + max(
-                0.0, agent.spent_usd + req.usd - max(agent.estimated_usd, agent.spent_usd)
-            )
-            after_calls = state.tool_calls + req.tool_calls
-            if state.killed:
-                outcome, reason = STOP, "session_killed"
-            elif (p.shared_max_usd is not None and after_usd > p.shared_max_usd) or (
-                p.shared_max_tool_calls is not None and after_calls > p.shared_max_tool_calls
-            ):
-                outcome, reason = STOP, "shared_budget_exceeded"
-            else:
-                outcome, reason = ALLOW, ""
+            verdict = self._judge_usage(state, agent, req)
+            detail: dict[str, Any] = {
+                "usd": req.usd,
+                "tool_calls": req.tool_calls,
+                "finished": req.finished,
+                "budget_usd": round(state.usd, 6),
+                "verified": who.verified,
+            }
+            if verdict is not _ALLOWED:
+                self._note(detail, verdict)
             self._record(
                 state,
                 POST_HANDOFF,
-                outcome,
-                reason=reason,
+                verdict.outcome,
+                reason=verdict.reason,
                 from_agent=agent.parent,
                 to_agent=agent.agent_id,
                 task=agent.task,
                 depth=agent.depth,
                 actor=caller,
+                detail=detail,
+            )
+            decision = Decision(
+                verdict.outcome,
+                verdict.reason,
+                lineage_token=self._renewal(who),
+                detail=verdict.detail,
+            )
+            return self._finish(decision, verdict.outcome, state)
+
+    def _judge_usage(self, state: SessionState, agent: AgentState, req: UsageRequest) -> _Verdict:
+        p = self.policy
+        after_usd = state.usd + max(
+            0.0, agent.spent_usd + req.usd - max(agent.estimated_usd, agent.spent_usd)
+        )
+        after_calls = state.tool_calls + req.tool_calls
+        if state.killed:
+            return _Verdict(STOP, "session_killed")
+        if (p.shared_max_usd is not None and after_usd > p.shared_max_usd) or (
+            p.shared_max_tool_calls is not None and after_calls > p.shared_max_tool_calls
+        ):
+            return _Verdict(STOP, "shared_budget_exceeded")
+        plan = state.plan
+        if plan is not None and req.usd and after_usd > plan.scope.budget_usd:
+            # spent, not asked: the spend is recorded as drift whatever the answer
+            drift = (f"budget: {after_usd:g} USD beyond the planned {plan.scope.budget_usd:g}",)
+            if p.session_approval.out_of_scope == "stop" and not req.finished:
+                return _Verdict(STOP, "out_of_scope", detail=drift[0], drift=drift)
+            return _Verdict(ALLOW, drift=drift)
+        return _ALLOWED
+
+    # -- plans -----------------------------------------------------------------------------
+
+    def declare_plan(self, session_id: str, plan: Plan, caller: str = "") -> dict[str, Any]:
+        """Take a session's plan before its first agent starts: check it against the
+        policy, compute its blast radius and, when the policy says so, ask a reviewer.
+
+        :class:`~agentgov.collector.governor.plan.PlanError` when the plan goes beyond the
+        policy; :class:`GovernorError` when the session has started, has a plan or was
+        killed. The answer is the plan's view (:meth:`plan_view`).
+        """
+        check_plan(plan, self.policy)
+        radius = blast_radius(plan, self.rules, self.policy).as_json()
+        reasons = needs_approval(radius, self.policy.session_approval)
+        normalized = plan.model_dump()
+        with self._lock:
+            state = self._sessions.get(session_id)
+            if state is not None:
+                if state.killed:
+                    raise GovernorError(f"session {session_id} was killed: start a new session")
+                if state.plan is not None:
+                    raise GovernorError(
+                        f"session {session_id} has a plan already: a plan is declared once"
+                    )
+                if state.agents:
+                    raise GovernorError(
+                        f"session {session_id} has started: declare the plan before its "
+                        "first agent starts"
+                    )
+            state = self._session(session_id)
+            aid = f"apr-{secrets.token_hex(8)}" if reasons else ""
+            self._record(
+                state,
+                PLAN,
+                "approval_required" if reasons else "declared",
+                actor=caller,
                 detail={
-                    "usd": req.usd,
-                    "tool_calls": req.tool_calls,
-                    "finished": req.finished,
-                    "budget_usd": round(state.usd, 6),
-                    "verified": who.verified,
+                    "plan": normalized,
+                    "blast_radius": radius,
+                    "approval_id": aid,
+                    "needs_approval": reasons,
                 },
             )
-            decision = Decision(outcome, reason, lineage_token=self._renewal(who))
-            return self._finish(decision, outcome, state)
+            if aid:
+                self._request_approval(
+                    state,
+                    "plan",
+                    "",
+                    caller,
+                    {
+                        "intent": plan.intent,
+                        "blast_radius": radius,
+                        "needs_approval": reasons,
+                    },
+                    approval_id=aid,
+                )
+            assert state.plan is not None
+            return {"session_id": session_id, **state.plan.public(self._clock())}
+
+    def check_plan(self, plan: Plan) -> dict[str, Any]:
+        """What declaring ``plan`` would meet now: its blast radius and why a reviewer
+        would be asked (:class:`~agentgov.collector.governor.plan.PlanError` when the
+        policy refuses it). Changes nothing."""
+        check_plan(plan, self.policy)
+        radius = blast_radius(plan, self.rules, self.policy).as_json()
+        return {
+            "blast_radius": radius,
+            "needs_approval": needs_approval(radius, self.policy.session_approval),
+        }
+
+    def plan_view(self, session_id: str) -> dict[str, Any] | None:
+        """A session's plan, blast radius, approval and drift; None: it has no plan."""
+        with self._lock:
+            state = self._sessions.get(session_id)
+            if state is None or state.plan is None:
+                return None
+            return {"session_id": session_id, **state.plan.public(self._clock())}
 
     # -- kills -----------------------------------------------------------------------------
 
@@ -839,22 +1250,25 @@ class Governor:
                 for a in self._approvals.values()
                 if a.session_id == session_id and a.status == "pending"
             ]
-            self._record(
-                state,
-                KILL,
-                "killed",
-                reason=reason,
-                actor=actor,
-                detail={"cancelled_approvals": pending, "repeated": already},
-            )
-            payload = {
+            plan = state.plan
+            revoked = plan.approval_id if plan is not None and plan.by_reviewer else None
+            detail: dict[str, Any] = {"cancelled_approvals": pending, "repeated": already}
+            if revoked:
+                detail["revoked_plan_approval"] = revoked
+            self._record(state, KILL, "killed", reason=reason, actor=actor, detail=detail)
+            payload: dict[str, Any] = {
                 "session_id": session_id,
                 "actor": actor,
                 "reason": reason,
                 "cancelled_approvals": pending,
             }
+            if revoked:  # only planned sessions say so: the kill of any other is as before
+                payload["revoked_plan_approval"] = revoked
             status = self._kill_status(state)
+            changed = [self._approvals[a].public() for a in [*pending, revoked] if a]
         self._emit("kill", payload)
+        for item in changed:
+            self._emit("approval", item)
         return {**payload, **status}
 
     def stopped(

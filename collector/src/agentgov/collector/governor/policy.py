@@ -10,7 +10,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agentgov.collector.validation import problems
+from agentgov.collector.validation import located_problems
 from agentgov.instrumentation.permissions import InvalidPermission, normalize_all
 
 
@@ -23,6 +23,25 @@ class HighRiskDelegation(BaseModel):
     write: bool = False
     #: a delegation whose task or permissions name production (``prod``, ``production``)
     production: bool = False
+
+
+class SessionApproval(BaseModel):
+    """Which session plans need a reviewer before their first agent starts, and what a
+    step outside a planned session's scope is answered. Criteria are alternatives: a plan
+    meeting any of them waits for a reviewer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: plans whose blast-radius risk is at least this (0-100)
+    blast_radius_risk: int | None = Field(default=None, ge=0, le=100)
+    #: plans that name production (a target, an environment, a permission)
+    production: bool = False
+    #: plans that grant any write permission
+    write: bool = False
+    #: a step outside the plan's scope: ask a reviewer for that step, or stop it
+    out_of_scope: Literal["approval_required", "stop"] = "approval_required"
+    #: the longest a reviewer may let a plan approval hold
+    max_ttl_s: int = Field(default=86_400, ge=1, le=30 * 86_400)
 
 
 class MultiAgentPolicy(BaseModel):
@@ -48,6 +67,11 @@ class MultiAgentPolicy(BaseModel):
     require_approval_for: list[str] = Field(default_factory=list)
     high_risk_delegation: HighRiskDelegation = Field(default_factory=HighRiskDelegation)
     approval_ttl_s: int = Field(default=900, ge=1)
+    #: session plans: which need a reviewer first, and how out-of-scope steps are met
+    session_approval: SessionApproval = Field(default_factory=SessionApproval)
+    #: how often the same task may come back to the same agent (role, or name) within a
+    #: session before the delegation stops with ``delegation_loop``; None: no limit
+    max_task_returns: int | None = Field(default=None, ge=0, le=1000)
     #: refuse every decision request that carries no lineage token (agentgov's SDK always
     #: sends one), except the start of a new session's root. Off (for clients that cannot
     #: carry tokens), a tokenless request may speak only for an agent the governor started,
@@ -101,7 +125,7 @@ def parse_policy(text: str, source: str) -> Policy:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise PolicyError(f"{source}: not valid YAML: {exc}") from exc
+        raise PolicyError(f"{source}: not valid YAML: {_yaml_error(exc, source)}") from exc
     if data is None:
         # an editor may empty the file before writing it: never read that as "no limits"
         raise PolicyError(f"{source}: the policy is empty; write at least 'multi_agent: {{}}'")
@@ -110,7 +134,19 @@ def parse_policy(text: str, source: str) -> Policy:
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:
-        raise PolicyError(f"{source}: invalid policy: " + "; ".join(problems(exc))) from exc
+        # every error at once, one a line, each with the line of the file it is on
+        found = located_problems(exc, text, source, Policy)
+        raise PolicyError(
+            f"{source}: invalid policy ({len(found)} "
+            + ("error" if len(found) == 1 else "errors")
+            + "):\n"
+            + "\n".join(f"  {line}" for line in found)
+        ) from exc
+
+
+def _yaml_error(exc: yaml.YAMLError, source: str) -> str:
+    """PyYAML's message with the file's name where it says ``<unicode string>``."""
+    return str(exc).replace('"<unicode string>"', source).replace("<unicode string>", source)
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
