@@ -640,9 +640,9 @@ def each_agent_once(governor: Governor, ours: Sequence[ReadableSpan]) -> None:
         wait_for(settled, timeout=30)
     except AssertionError:
         raise AssertionError(f"not each of {expected} once: {seen}") from None
-    # foreign spans are resolved in groups once their trace is quiet: wait out a resolution
-    # round, then the graph must still show each agent once
-    time.sleep(4)
+    # foreign spans are resolved in groups once their trace is quiet (at most 2 s after a
+    # change): wait out a resolution round, then the graph must still show each agent once
+    time.sleep(2.5)
     nodes = wait_for(settled, timeout=10)
     assert all(n["lineage"] == "governor" and n["verified"] for n in nodes), nodes
     assert not [n["name"] for n in nodes if n["contradicted"]], nodes

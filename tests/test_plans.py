@@ -181,9 +181,17 @@ class PlanReviewer(threading.Thread):
     """A reviewer in another thread: waits for the session's plan approval to be pending,
     notes whether the root agent had started by then, then approves it for ``ttl_s``."""
 
-    def __init__(self, stack: Stack, sid: str, started: threading.Event, ttl_s: float) -> None:
+    def __init__(
+        self,
+        stack: Stack,
+        sid: str,
+        started: threading.Event,
+        ttl_s: float,
+        hold_s: float = 0.3,
+    ) -> None:
         super().__init__(daemon=True)
         self.stack, self.sid, self.started, self.ttl_s = stack, sid, started, ttl_s
+        self.hold_s = hold_s
         self.pending: dict[str, Any] = {}
         self.started_before_approval: bool | None = None
         self.self_approval = 0
@@ -193,7 +201,7 @@ class PlanReviewer(threading.Thread):
     def run(self) -> None:
         found = wait_for(lambda: self.stack.approvals(self.sid, "pending"), timeout=20)
         self.pending = found[0]
-        time.sleep(0.3)  # the root keeps waiting while nobody decides
+        time.sleep(self.hold_s)  # the root keeps waiting (and asking) while nobody decides
         self.started_before_approval = self.started.is_set()
         aid = self.pending["approval_id"]
         # an agent key may not approve; a plan approval without a TTL is refused
@@ -212,13 +220,16 @@ class PlanReviewer(threading.Thread):
         self.response = r.json()
 
 
-def _approved_run(stack: Stack, sid: str, ttl_s: float = 600) -> tuple[Any, PlanReviewer, Any]:
-    """Declare the release plan, have a reviewer approve it; the root's start waits."""
+def _approved_run(
+    stack: Stack, sid: str, ttl_s: float = 600, hold_s: float = 0.3
+) -> tuple[Any, PlanReviewer, Any]:
+    """Declare the release plan, have a reviewer approve it after ``hold_s``; the root's
+    start waits."""
     gov = governance(stack.url)
     session = gov.session("ship release 42 to production", session_id=sid)
     answer = session.plan(RELEASE_PLAN, max_fanout=2, max_depth=1, budget_usd=5.0)
     started = threading.Event()
-    reviewer = PlanReviewer(stack, sid, started, ttl_s)
+    reviewer = PlanReviewer(stack, sid, started, ttl_s, hold_s)
     reviewer.start()
     root = session.agent(
         "orchestrator", role="orchestrator", permissions=["fs.read:/opt/app", "fs.write:/opt/app"]
@@ -241,7 +252,8 @@ RELEASE_POLICY: dict[str, Any] = {
 def test_approved_plan_runs_in_scope_steps_and_stops_out_of_scope(stack: Stack) -> None:
     stack.set_policy(**RELEASE_POLICY)
     sid = new_sid("release")
-    answer, reviewer, root = _approved_run(stack, sid)
+    # the reviewer takes long enough for the waiting root to ask again (every 2 s)
+    answer, reviewer, root = _approved_run(stack, sid, hold_s=2.5)
 
     # the governor computed the blast radius before anything ran, and asked a reviewer
     assert answer.awaits_reviewer and answer.approval_id
@@ -271,6 +283,9 @@ def test_approved_plan_runs_in_scope_steps_and_stops_out_of_scope(stack: Stack) 
         "approved",
         "reviewer-1",
     )
+    # the wait is one decision record, however often the root asked again meanwhile
+    waited = [d for d in stack.decisions(sid) if d["reason"] == "plan_approval_required"]
+    assert len(waited) == 1, waited
 
     with root:
         # a write delegation and a tool on require_approval_for: both would wait for a

@@ -791,6 +791,15 @@ class Governor:
             return None
         return key, state.task_returns.get((key, req.task), 0) + 1
 
+    def _plan_held(self, plan: PlanState, asked_with: str) -> _Verdict | None:
+        """:meth:`_plan_gate`, with a re-ask of the plan's pending approval (the waiting
+        agent sends its id back) answered as still waiting: no record for each ask."""
+        held = self._plan_gate(plan)
+        if held is not None and held.reason == "plan_approval_required":
+            if asked_with and asked_with == plan.approval_id:
+                return _Verdict(APPROVAL_REQUIRED, AWAITING, approval_id=plan.approval_id)
+        return held
+
     def _plan_gate(self, plan: PlanState) -> _Verdict | None:
         """What the plan's approval says before anything else: wait for it, stop (denied,
         expired, taken back), or go on judging (None)."""
@@ -842,7 +851,7 @@ class Governor:
             return _Verdict(STOP, "session_killed")
         plan = state.plan
         if plan is not None:
-            held = self._plan_gate(plan)
+            held = self._plan_held(plan, req.approval_id)
             if held is not None:
                 return held
         approved = False
@@ -1034,7 +1043,7 @@ class Governor:
             return _Verdict(STOP, "session_killed")
         plan = state.plan
         if plan is not None:
-            held = self._plan_gate(plan)
+            held = self._plan_held(plan, req.approval_id)
             if held is not None:
                 return held
         if p.tool_allowlist is not None and req.tool not in p.tool_allowlist:
