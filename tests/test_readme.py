@@ -2,9 +2,9 @@
 and options that exist, each with help text, and nothing is shown as a bare ``agentgov``
 (which is not on PATH after ``uv run``).
 
-The commands are not run (most need a collector, keys or a Grafana); each is resolved
-through click's own parser and its ``--help`` is invoked through ``CliRunner``, so a
-renamed command or option fails here instead of in a reader's terminal.
+Each command is resolved through click's own parser and its ``--help`` is invoked through
+``CliRunner``, so a renamed command or option fails here instead of in a reader's terminal;
+those that need nothing but the repository (the lints) are also run and must succeed.
 """
 
 from __future__ import annotations
@@ -133,6 +133,23 @@ def test_each_readme_command_exists_with_its_options(args: list[str]) -> None:
             assert options[name].help, f"{' '.join(path)} {name} has no help text"
     result = CliRunner().invoke(main, [*path, "--help"])
     assert result.exit_code == 0, result.output
+
+
+#: README commands that need nothing but this repository: they are run, not only parsed
+#: (the demo runs in test_demo.py; the others need a collector, keys or a Grafana)
+RUNNABLE_HERE = (("policy", "lint"), ("alerts", "lint"))
+
+
+def test_the_readme_commands_that_can_run_here_run_and_succeed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runnable = [a for a in _readme_invocations() if tuple(a[:2]) in RUNNABLE_HERE]
+    assert {tuple(a[:2]) for a in runnable} == set(RUNNABLE_HERE), runnable
+    monkeypatch.chdir(ROOT)  # the README's paths are relative to the repository
+    for args in runnable:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, (args, result.output)
+        assert result.output.strip(), args  # it says what it found
 
 
 def test_every_option_of_every_command_has_help_text() -> None:
