@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+from clickhouse_connect.driver.exceptions import ClickHouseError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -17,6 +18,7 @@ from starlette.routing import Route
 from agentgov.collector.analytics import Analytics, SessionNotFound
 from agentgov.collector.auth import AuthError, KeyRing
 from agentgov.collector.governor.engine import Governor
+from agentgov.collector.store.writer import StoreUnavailable, classify
 from agentgov.instrumentation.lineage import InvalidIdError
 
 
@@ -52,6 +54,15 @@ def json_response(data: Any, status: int = 200) -> Response:
 
 def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def store_error(exc: ClickHouseError) -> JSONResponse:
+    """A read the store could not serve: 503 with Retry-After when the store's trouble may
+    pass (a full disk, memory, a server down), else 500 naming ClickHouse's error."""
+    found = classify(exc)
+    if isinstance(found, StoreUnavailable):
+        return JSONResponse({"error": str(found)}, status_code=503, headers={"Retry-After": "5"})
+    return error(500, f"the store failed this read: {str(exc).strip().splitlines()[0][:300]}")
 
 
 def int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -93,6 +104,8 @@ class QueryApi:
             return error(400, str(exc))
         except SessionNotFound as exc:
             return error(404, f"unknown session {exc.args[0]!r}: see GET /api/v1/sessions")
+        except ClickHouseError as exc:
+            return store_error(exc)
 
     def _with_governor(self, row: dict[str, Any]) -> dict[str, Any]:
         if self.governor is None:

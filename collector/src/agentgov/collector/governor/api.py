@@ -9,6 +9,7 @@ import time
 from typing import Annotated, Any, TypeVar
 
 import orjson
+from clickhouse_connect.driver.exceptions import ClickHouseError
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -23,7 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from agentgov.collector.analytics import Analytics, SessionNotFound
-from agentgov.collector.api import records
+from agentgov.collector.api import records, store_error
 from agentgov.collector.auth import AuthError, Caller, KeyRing
 from agentgov.collector.governor import audit
 from agentgov.collector.governor.engine import (
@@ -239,6 +240,8 @@ class GovernorApi:
             return _error(404, f"no decisions recorded for session {exc.args[0]!r}")
         except audit.AuditUnavailable as exc:
             return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "5"})
+        except ClickHouseError as exc:  # a read of the store (audit, verify, simulate) failed
+            return store_error(exc)
         if isinstance(result, Response):
             return result
         return JSONResponse(result)

@@ -102,6 +102,7 @@ class SpaceMonitor:
         free = report.free_bytes
         if free is not None and free < self.min_free_bytes:
             if self._refusal is None:
+                self._merges(stop=True)
                 log.error(
                     "the store has %s free, below the floor of %s: ingest answers 503 until "
                     "space is freed",
@@ -115,9 +116,22 @@ class SpaceMonitor:
             )
         elif free is not None:
             if self._refusal is not None:
+                self._merges(stop=False)
                 log.warning("the store has %s free again: ingest resumes", human(free))
             self._refusal = None
         return report
+
+    def _merges(self, stop: bool) -> None:
+        """Stop background merges below the floor and start them again above it: a merge
+        that runs out of space on the way can leave a broken part behind (seen with the
+        embedded engine on a full filesystem: a committed part with an empty marks file,
+        unreadable until repaired), and merges are what writes most once ingest pauses."""
+        try:
+            if self._client is None:
+                self._client = open_client(self._config)
+            self._client.command("SYSTEM STOP MERGES" if stop else "SYSTEM START MERGES")
+        except Exception as exc:
+            log.warning("could not %s merges: %s", "stop" if stop else "start", exc)
 
     def _read(self) -> tuple[int, int]:
         path = self._config.data_path
