@@ -629,18 +629,18 @@ class _Resolver:
                 foreign[key].append(s)
         for key, spans in foreign.items():
             candidates = runs.get((key[0], norm(self.nodes[key].name)), [])
-            twins = {
-                k
+            # per foreign run, the agentgov agents whose runs it overlaps
+            matches = [
+                {
+                    k
+                    for t, k in candidates
+                    if f[t].trace_id == f[s].trace_id and _overlap(f[t], f[s])
+                }
                 for s in spans
-                for t, k in candidates
-                if f[t].trace_id == f[s].trace_id and _overlap(f[t], f[s])
-            }
-            covered = all(
-                any(f[t].trace_id == f[s].trace_id and _overlap(f[t], f[s]) for t, _ in candidates)
-                for s in spans
-            )
-            if len(twins) != 1 or not covered:
-                continue  # no twin, or several agentgov agents of that name: not guessed
+            ]
+            twins = set().union(*matches)
+            if len(twins) != 1 or not all(matches):
+                continue  # no twin, several agentgov agents of that name, or a run beside none
             (twin,) = twins
             self.alias[key] = twin
             kept = self.nodes[twin]

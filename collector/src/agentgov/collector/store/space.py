@@ -125,7 +125,11 @@ class SpaceMonitor:
         """Stop background merges below the floor and start them again above it: a merge
         that runs out of space on the way can leave a broken part behind (seen with the
         embedded engine on a full filesystem: a committed part with an empty marks file,
-        unreadable until repaired), and merges are what writes most once ingest pauses."""
+        unreadable until repaired), and merges are what writes most once ingest pauses.
+        Only the embedded store's: a ClickHouse server's merges serve its other databases
+        too, and stay its operator's to stop."""
+        if self._config.data_path is None:
+            return
         try:
             if self._client is None:
                 self._client = open_client(self._config)
