@@ -50,6 +50,13 @@ def health(src: Sources) -> tuple[int, dict[str, Any]]:
         problems.append(src.space.refusal() or "free space below the floor")
     if space.error:
         problems.append(f"the store's free space cannot be read: {space.error}")
+    doctor = src.space.parts
+    if doctor is not None and doctor.stats.awaiting:
+        problems.append(
+            f"{len(doctor.stats.awaiting)} parts the store committed without their data wait "
+            f"for repair ({', '.join(doctor.stats.awaiting[:3])}): "
+            f"{doctor.stats.last_error or 'reads of their tables fail until then'}"
+        )
     pending = src.audit.pending
     lag = src.audit.oldest_pending_s()
     if audit.consecutive_failures or (pending and lag > AUDIT_LAG_S):
@@ -82,6 +89,15 @@ def health(src: Sources) -> tuple[int, dict[str, Any]]:
             "free_bytes": space.free_bytes,
             "min_free_bytes": src.space.min_free_bytes,
             "below_floor": src.space.below_floor,
+            "broken_parts": None
+            if doctor is None
+            else {
+                "found": doctor.stats.broken_found,
+                "repaired": doctor.stats.repaired,
+                "awaiting_repair": doctor.stats.awaiting,
+                "lost_parts": doctor.stats.lost_parts,
+                "lost_rows": doctor.stats.lost_rows,
+            },
         },
         "audit": {
             "pending_records": pending,
@@ -162,6 +178,26 @@ class _Metrics(PromCollector):
             "1 while ingest pauses for free space",
             float(src.space.below_floor),
         )
+        doctor = src.space.parts
+        if doctor is not None:
+            yield counter(
+                "store_broken_parts",
+                "Parts the embedded store committed without their data",
+                doctor.stats.broken_found,
+            )
+            yield counter(
+                "store_repaired_parts", "Such parts repaired or detached", doctor.stats.repaired
+            )
+            yield counter(
+                "store_lost_rows",
+                "Rows of such parts that could not be restored",
+                doctor.stats.lost_rows,
+            )
+            yield gauge(
+                "store_parts_awaiting_repair",
+                "Such parts not yet repaired",
+                len(doctor.stats.awaiting),
+            )
         records = CounterMetricFamily(
             "agentgov_decision_records",
             "Decision records made durable",

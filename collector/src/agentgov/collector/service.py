@@ -235,7 +235,9 @@ class Collector:
             if log_dir is not None
             else None
         )
-        self.audit_writer = audit.AuditWriter(store, audit_log).start()
+        self.audit_writer = audit.AuditWriter(
+            store, audit_log, check_written=self.space.writes_at_risk
+        ).start()
         audit_writer = self.audit_writer
 
         def sink(record: Record, line: str) -> None:

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,8 +216,14 @@ class AuditWriter:
         interval_s: float = 0.05,
         max_batch: int = 20_000,
         retry_backoff_s: tuple[float, float] = (0.2, 5.0),
+        check_written: Callable[[], bool] | None = None,
     ) -> None:
+        """``check_written``: asked after each insert; when it answers True the records
+        are read back before the local log lets go of them (the embedded engine can
+        report success for a part it could not write while its disk is full; see
+        :mod:`agentgov.collector.store.parts`)."""
         self._store = store
+        self._check_written = check_written
         self.log = log
         self._interval = interval_s
         self._max_batch = max_batch
@@ -388,6 +394,13 @@ class AuditWriter:
         if batch:
             block = "\n".join(p.line for p in batch).encode()
             self._client.raw_insert(DECISIONS, insert_block=block, fmt="JSONEachRow")
+            if self._check_written is not None and self._check_written():
+                missing = self._not_stored(batch)
+                if missing:
+                    raise RuntimeError(
+                        f"{len(missing)} of {len(batch)} decision records just written are "
+                        "not in ClickHouse (a part committed without its data): written again"
+                    )
         self._in_doubt = False
 
     def _not_stored(self, batch: list[_Pending]) -> list[_Pending]:

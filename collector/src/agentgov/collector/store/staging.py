@@ -12,6 +12,9 @@ The batch is therefore all or nothing:
 
 * a failure while writing the stage leaves the real tables untouched; the stage is
   emptied and the batch fails as a whole (its senders retry);
+* the engine can commit a part with empty files while the disk is full and still report
+  success (:mod:`.parts`): on the embedded store the stage's parts are looked at before
+  the batch counts as complete, and a broken one fails the attempt like any other error;
 * once the stage holds the complete batch, a marker row (:data:`schema.STAGES`) says so,
   and from then on the batch only moves forward: moves are retried until done, also by
   the next start after a crash, and its receipts are written committed.
@@ -27,6 +30,7 @@ from clickhouse_connect.driver.client import Client
 
 from agentgov.collector.risk import RiskRules
 from agentgov.collector.store import schema
+from agentgov.collector.store.parts import BrokenPartError, broken, list_parts
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +41,14 @@ class Stage:
     """One writer thread's copy of the write chain (``prefix``: unique per thread and
     collector, e.g. ``agentgov_stage_local_0``)."""
 
-    def __init__(self, prefix: str, rules: RiskRules, settings: dict[str, object]) -> None:
+    def __init__(
+        self, prefix: str, rules: RiskRules, settings: dict[str, object], local: bool = False
+    ) -> None:
         self.prefix = prefix
+        #: the store's files are on this machine (embedded): its parts can be looked at
+        self._local = local
+        #: partitions per table of the batch just written, for its first move
+        self._partitions: dict[str, list[str]] | None = None
         self._rules = rules
         self._settings = settings
         #: the stage may hold rows of a failed attempt: empty it before the next batch
@@ -124,6 +134,7 @@ class Stage:
             client.raw_insert(
                 self.table(schema.INGEST), insert_block=block, fmt="Protobuf", settings=settings
             )
+        self._partitions = self.check_parts(client)
         self._marker_unsure = True
         self._mark(client, insert_id, digests)
         self._marker_unsure = False
@@ -133,13 +144,12 @@ class Stage:
     def move(self, client: Client) -> None:
         """Move every part of the stage into the real tables (one ALTER per table: each
         moves whole parts, so a repeat after a failure moves only what is left)."""
-        parts = client.query(
-            "SELECT table, groupUniqArray(partition_id) FROM system.parts "
-            "WHERE database = currentDatabase() AND active AND table IN {t:Array(String)} "
-            "GROUP BY table",
-            parameters={"t": [self.table(t) for t in schema.WRITE_CHAIN]},
-        ).result_rows
-        by_table = {str(t): list(p) for t, p in parts}
+        # the batch's own check listed them; a repeat looks again (and only moves on: the
+        # batch is complete, a part breaking now is for the part doctor)
+        by_table = self._partitions
+        if by_table is None:
+            by_table = self.check_parts(client, verify=False)
+        self._partitions = None
         for name in schema.WRITE_CHAIN:
             ids = by_table.get(self.table(name))
             if not ids:
@@ -148,6 +158,19 @@ class Stage:
                 f"MOVE PARTITION ID {format_query_value(p)} TO TABLE {name}" for p in sorted(ids)
             )
             client.command(f"ALTER TABLE {self.table(name)} {moves}")
+
+    def check_parts(self, client: Client, verify: bool = True) -> dict[str, list[str]]:
+        """The stage's partitions per table; with ``verify`` on the embedded store, raises
+        :class:`BrokenPartError` if a part holds rows its files do not."""
+        partitions: dict[str, set[str]] = {}
+        for part in list_parts(client, [self.table(t) for t in schema.WRITE_CHAIN]):
+            if verify and self._local and broken(part.path, part.rows):
+                raise BrokenPartError(
+                    f"the store committed part {part.name} of {part.table} with empty files "
+                    "(its disk is full?): the batch is written again"
+                )
+            partitions.setdefault(part.table, set()).add(part.partition_id)
+        return {t: sorted(p) for t, p in partitions.items()}
 
     def settle(self, client: Client) -> None:
         """After the moves: the batch's receipts committed, the marker cleared."""

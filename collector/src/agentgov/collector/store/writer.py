@@ -115,6 +115,8 @@ _STORAGE_TROUBLE = re.compile(
     r"No space left on device|Read-only file system|Disk quota exceeded|Input/output error"
     r"|Too many open files|Cannot allocate memory|Not enough space|Cannot reserve"
     r"|Memory limit|Too many parts|Connection refused|Connection reset|Broken pipe"
+    # a part committed without its data on a full disk: repaired by store/parts.py
+    r"|Empty marks file"
     r"|errno: (?:5|12|23|24|28|30|32|104|111|122)\b",
     re.IGNORECASE,
 )
@@ -285,7 +287,12 @@ class SpanWriter:
         self._settings = schema.ingest_settings(config.embedded)
         name = instance if instance is not None else default_instance(config)
         self._stages = [
-            Stage(f"agentgov_stage_{name}_{n}", self._rules, self._settings)
+            Stage(
+                f"agentgov_stage_{name}_{n}",
+                self._rules,
+                self._settings,
+                local=config.embedded,
+            )
             for n in range(self._thread_count)
         ]
         self.stats = WriterStats()
