@@ -89,7 +89,9 @@ class Part:
 
     @property
     def made_by_merge(self) -> bool:
-        """A merge (level > 0) or a mutation (a fifth number) rewrote older parts."""
+        """A merge (level > 0) or a mutation (a fifth number) rewrote older parts. (A
+        mutation's part is replaced by its pre-mutation part, which undoes the mutation
+        for those rows; agentgov's tables are never mutated.)"""
         return self.level > 0 or self.name.count("_") >= 4
 
     def covers(self, other: Part) -> bool:
