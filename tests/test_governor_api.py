@@ -1218,6 +1218,21 @@ def test_kill_stops_everything_later(lit: Gov) -> None:
     assert (figures["status"], figures["governed_agents"]) == ("killed", 0)
 
 
+def test_a_refused_usage_report_counts_for_the_agent_that_sent_it(lit: Gov) -> None:
+    """A usage report is recorded as the parent's handoff: refused after the kill, it says
+    the worker learned of the stop, not its parent (whose own acknowledgement still counts)."""
+    sid = "lit-kill-usage"
+    lit.handoff(sid, "planner")
+    lit.handoff(sid, "worker", frm="planner")
+    assert lit.kill(sid, actor="oncall", reason="stop").status_code == 200
+    assert lit.usage(sid, "worker", usd=0.1, finished=True)["reason"] == "session_killed"
+    again = lit.kill(sid, actor="oncall", reason="stop").json()
+    assert [(a["agent_id"], a["acknowledged"]) for a in again["agents"]] == [
+        ("planner", False),
+        ("worker", True),
+    ]
+
+
 def test_kill_event_stream(lit: Gov) -> None:
     sid = "lit-events"
     lit.handoff(sid, "planner")

@@ -25,6 +25,7 @@ import http.client
 import json
 import logging
 import os
+import socket
 import ssl
 import threading
 import time
@@ -191,7 +192,9 @@ class _SessionWatch:
         self.changed = threading.Condition()
         self.closed = False
         self._kind = ""
-        self._conn: http.client.HTTPConnection | None = None
+        # the stream's socket: http.client lets go of it once the response is read as a
+        # stream (the connection's ``sock`` is None then), so the watch keeps it to close it
+        self._sock: socket.socket | None = None
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
         self._waiters_lock = threading.Lock()
         self._start()
@@ -226,10 +229,10 @@ class _SessionWatch:
 
     def close(self) -> None:
         self.closed = True
-        conn = self._conn
-        if conn is not None and conn.sock is not None:
+        sock = self._sock
+        if sock is not None:
             try:
-                conn.sock.shutdown(2)  # wakes the blocked read
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked read
             except OSError:
                 pass
 
@@ -294,49 +297,60 @@ class _SessionWatch:
                 self._on_event(self._kind, data)
 
     def _listen(self) -> None:
-        conn = self._conn = self.client._new_connection(timeout=None)
-        token = self.client.session_token(self.session_id)
-        conn.request("GET", self._path(), headers=self.client._headers(sse=True, token=token))
-        resp = conn.getresponse()
-        if resp.status in (401, 403):
-            self._refused(resp.status, token, resp.read(300))
-            return
-        if resp.status != 200:
-            self._ready()
-            raise RuntimeError(f"{resp.status} {resp.read(500)!r}")
+        conn = self.client._new_connection(timeout=None)
         try:
-            while True:
-                line = resp.fp.readline(1 << 20)
-                if not line:
+            token = self.client.session_token(self.session_id)
+            conn.request("GET", self._path(), headers=self.client._headers(sse=True, token=token))
+            self._sock = conn.sock
+            if self.closed:  # closed while connecting: close() found no socket to shut
+                return
+            with conn.getresponse() as resp:
+                if resp.status in (401, 403):
+                    self._refused(resp.status, token, resp.read(300))
                     return
-                self._feed(line)
-                if self.killed is not None:
-                    return
+                if resp.status != 200:
+                    self._ready()
+                    raise RuntimeError(f"{resp.status} {resp.read(500)!r}")
+                while True:
+                    line = resp.fp.readline(1 << 20)
+                    if not line:
+                        return
+                    self._feed(line)
+                    if self.killed is not None:
+                        return
         finally:
             conn.close()
+            self._sock = None
 
     def _acknowledge(self, agents: dict[str, Any]) -> None:
         self.client._acknowledge_kill(self.session_id, agents)
 
+    def _stop_here(self, killed: dict[str, Any]) -> None:
+        """Make the kill visible to this process's agents, then acknowledge it for them."""
+        # who runs here now: once the kill is visible, agents raise and leave
+        agents = self.client._running_agents(self.session_id)
+        with _PENDING_ACKS:  # counted before any agent can see the kill and exit
+            _PENDING_ACKS.count += 1
+        try:
+            self.killed = killed
+            self.ready.set()
+            self._signal()  # the agents stop first; the acknowledgement follows
+            if agents:
+                self._acknowledge(agents)
+        finally:
+            with _PENDING_ACKS:
+                _PENDING_ACKS.count -= 1
+                _PENDING_ACKS.notify_all()
+
     def _on_event(self, kind: str, data: dict[str, Any]) -> None:
-        if kind == "state":
-            if data.get("status") == "killed":
-                self.killed = {"actor": data.get("killed_by"), "reason": data.get("kill_reason")}
+        if kind == "state" and data.get("status") == "killed":
+            # the stream (re)connected after the kill: agents running here still say they
+            # stopped (the governor counts an agent once, however it learned of the stop)
+            self._stop_here({"actor": data.get("killed_by"), "reason": data.get("kill_reason")})
+        elif kind == "state":
             self.ready.set()
         elif kind == "kill":
-            # who runs here now: once the kill is visible, agents raise and leave
-            agents = self.client._running_agents(self.session_id)
-            with _PENDING_ACKS:  # counted before any agent can see the kill and exit
-                _PENDING_ACKS.count += 1
-            try:
-                self.killed = data
-                self.ready.set()
-                self._signal()  # the agents stop first; the acknowledgement follows
-                self._acknowledge(agents)
-            finally:
-                with _PENDING_ACKS:
-                    _PENDING_ACKS.count -= 1
-                    _PENDING_ACKS.notify_all()
+            self._stop_here(data)
             for hook in list(self.client.on_kill):
                 try:
                     hook(self.session_id, data)

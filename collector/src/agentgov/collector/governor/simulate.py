@@ -418,12 +418,11 @@ class Simulator:
             out.changed_reasons += 1
             kinds.append("reason")
         if kinds and len(out.changes) < MAX_CHANGES:
-            agent = r.to_agent if r.phase == POST_HANDOFF else r.from_agent
             out.changes.append(
                 Change(
                     seq=r.seq,
                     phase=r.phase,
-                    agent_id=agent,
+                    agent_id=r.step_agent,
                     target=target[:300],
                     kind="+".join(kinds),
                     recorded={"outcome": rec, "reason": rec_why},

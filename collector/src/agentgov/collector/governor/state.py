@@ -51,6 +51,12 @@ class Record:
     prev_hash: str = ""
     hash: str = ""
 
+    @property
+    def step_agent(self) -> str:
+        """The agent that took the step: a usage report (post-handoff) is the receiving
+        agent's step, recorded as its parent's handoff; every other record names it first."""
+        return self.to_agent if self.phase == POST_HANDOFF else self.from_agent
+
     def canonical(self) -> bytes:
         """The bytes the hash covers: every field but the hash itself, in a fixed order
         (time in whole microseconds, as stored)."""
@@ -262,7 +268,7 @@ def apply(state: SessionState, record: Record, approvals: dict[str, Approval]) -
     d = record.detail
     if record.reason == "session_killed" and record.outcome == STOP:
         # refused a step after the kill: the agent has learned of the stop
-        refused = state.agents.get(record.from_agent)
+        refused = state.agents.get(record.step_agent)
         if refused is not None and refused.stopped_at is None:
             refused.stopped_at = record.time
     if record.phase == PRE_HANDOFF and record.effective:
