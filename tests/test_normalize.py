@@ -57,9 +57,9 @@ def replays(collector: CollectorProcess) -> dict[str, Replay]:
             for body in replay.requests[part]:
                 post(client, body)
 
-    # one sender per copy at a time, eight copies at once: a copy's requests arrive in its
-    # order, interleaved with the other copies'
-    with ThreadPoolExecutor(8) as pool:
+    # one sender per copy, every copy at once: a copy's requests arrive in its order,
+    # interleaved with the other copies' (and committed together, as under real load)
+    with ThreadPoolExecutor(len(copies)) as pool:
         list(pool.map(lambda r: send(r, slice(None, -1)), copies))
         time.sleep(LATE_S)
         list(pool.map(lambda r: send(r, slice(-1, None)), copies))

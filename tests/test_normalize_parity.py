@@ -122,9 +122,9 @@ def stored(store_path: Path, store_client: Any) -> Iterator[Stored]:
                 )
                 assert r.status_code == 200, r.text
 
-    # a copy's requests in its (shuffled) order, eight copies at once: the writer commits
+    # a copy's requests in its (shuffled) order, every copy at once: the writer commits
     # concurrent requests together, as it does under any real load
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(len(copies) + 1) as pool:
         list(pool.map(send, [[native], *(c.requests for c in copies)]))
     assert collector.resolver is not None and collector.resolver.flush(120)
     assert collector.alerts is not None and collector.alerts.drain(60)
