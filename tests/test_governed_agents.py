@@ -478,6 +478,25 @@ def test_one_kill_stops_agents_in_three_processes(governed: Governed, procs: Pro
     assert final["decisions"] > at_kill["decisions"]  # the refused steps were still decided
 
 
+def test_a_finished_sessions_listener_stops(governed: Governed) -> None:
+    """Once a process's last agent of a session finished, its event stream is closed and
+    the listener thread ends (a long-lived process runs many sessions)."""
+    governed.set_policy()
+    client = GovernorClient(governed.url, api_key=AGENT_KEY)
+    gov = Governance(TracerProvider(), governor=client)
+    with gov.session("summarize the weekly report") as session:
+        sid = session.session_id
+        with session.agent("writer", agent_id=f"writer-{uid()}") as agent:
+            agent.checkpoint()
+            name = f"agentgov-events-{sid[:24]}"
+            assert [t for t in threading.enumerate() if t.name == name]
+            # listening (a stream opened before the agent held its token is refused, then
+            # opened again)
+            wait_for(lambda: client._watches[sid]._sock is not None, timeout=10)
+    wait_for(lambda: not [t for t in threading.enumerate() if t.name == name], timeout=5)
+    assert sid not in client._watches
+
+
 def test_a_listener_that_reconnects_after_the_kill_still_acknowledges(governed: Governed) -> None:
     """The kill event went out while this process's event stream was down: when the stream
     comes back it starts with the session's state, and the agents running here still say

@@ -191,6 +191,8 @@ class _SessionWatch:
         self.ready = threading.Event()
         self.changed = threading.Condition()
         self.closed = False
+        #: the kill event was handled: nothing more to hear
+        self.final = False
         self._kind = ""
         # the stream's socket: http.client lets go of it once the response is read as a
         # stream (the connection's ``sock`` is None then), so the watch keeps it to close it
@@ -316,7 +318,7 @@ class _SessionWatch:
                     if not line:
                         return
                     self._feed(line)
-                    if self.killed is not None:
+                    if self.final or self.closed:
                         return
         finally:
             conn.close()
@@ -343,14 +345,16 @@ class _SessionWatch:
                 _PENDING_ACKS.notify_all()
 
     def _on_event(self, kind: str, data: dict[str, Any]) -> None:
-        if kind == "state" and data.get("status") == "killed":
-            # the stream (re)connected after the kill: agents running here still say they
-            # stopped (the governor counts an agent once, however it learned of the stop)
-            self._stop_here({"actor": data.get("killed_by"), "reason": data.get("kill_reason")})
-        elif kind == "state":
+        if kind == "state":
+            if data.get("status") == "killed":
+                # known before ready: an agent starting now is refused at once. The kill
+                # event follows on the same stream (also when it (re)connected after the
+                # kill), and acknowledges for the agents running here
+                self.killed = {"actor": data.get("killed_by"), "reason": data.get("kill_reason")}
             self.ready.set()
         elif kind == "kill":
             self._stop_here(data)
+            self.final = True
             for hook in list(self.client.on_kill):
                 try:
                     hook(self.session_id, data)
@@ -438,7 +442,7 @@ class _LoopSessionWatch(_SessionWatch):
                 if not line:
                     return
                 self._feed(line)
-                if self.killed is not None:
+                if self.final or self.closed:
                     return
         finally:
             writer.close()
