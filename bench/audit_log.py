@@ -5,15 +5,17 @@ writes every decision record to its local audit log before the answer (the defau
 appended to a preallocated file, fdatasync'd in groups, drained into ClickHouse), the
 other with ``--audit-log off`` (records wait in memory only until ClickHouse takes
 them). The same client processes send governed tool-call decisions to each in turn,
-A-B-B-A, ``ROUNDS`` times, so that drift over the runs (merges, caches, the machine's
-other load) favours neither; only one collector is loaded at a time, and each side's
-figures are the medians of its runs.
+A-B-B-A, so that drift over the runs (merges, caches, the machine's other load) favours
+neither; only one collector is loaded at a time. Each of the ``ROUNDS`` rounds starts a
+fresh pair of processes, in turn the one or the other first, since two processes of the
+same program can differ by several percent; each side's figures are the medians of its
+runs. ``CONTROL=1`` runs the same with neither side writing the log (an A-A control).
 
 A second, in-process figure times a whole tool decision with and without the log, which
 is free of HTTP and of client noise.
 
 Goals: p99 with the log <= 1.2x without it; throughput with the log >= 0.9x.
-Usage: uv run python bench/audit_log.py   (BENCH_SECONDS=5 PROCS=2 ROUNDS=2)
+Usage: uv run python bench/audit_log.py   (BENCH_SECONDS=5 PROCS=2 ROUNDS=4 CONTROL=1)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import decisions
 from collector_process import running_collector
 
-ROUNDS = int(os.environ.get("ROUNDS", 2))
+ROUNDS = int(os.environ.get("ROUNDS", 4))
 
 
 def _median(runs: list[tuple[float, float, float]]) -> tuple[float, ...]:
@@ -81,38 +83,50 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="agentgov-audit-log-"))
     policy = workdir / "policy.yaml"
     policy.write_text(decisions.POLICY)
+    # CONTROL=1: an A-A run, both sides without the log: what the bench reads for no change
+    log_args = ("--audit-log", "off") if os.environ.get("CONTROL") else ()
+    levels = (1, 8)
+    runs: dict[int, dict[str, list[tuple[float, float, float]]]] = {
+        c: {"log": [], "off": []} for c in levels
+    }
     try:
-        with contextlib.ExitStack() as stack:
-            with_log = stack.enter_context(
-                running_collector(workdir / "a", "--policy", str(policy))
-            )
-            without = stack.enter_context(
-                running_collector(workdir / "b", "--policy", str(policy), "--audit-log", "off")
-            )
-            ports = {
-                "log": int(with_log.rsplit(":", 1)[1]),
-                "off": int(without.rsplit(":", 1)[1]),
-            }
-            print(
-                f"cores: {os.cpu_count()}, client processes: {decisions.PROCS}, "
-                f"{decisions.SECONDS:.0f}s per run"
-            )
-            for conns in (1, 8):
-                runs: dict[str, list[tuple[float, float, float]]] = {"log": [], "off": []}
-                for _ in range(ROUNDS):
+        print(
+            f"cores: {os.cpu_count()}, client processes: {decisions.PROCS}, "
+            f"{decisions.SECONDS:.0f}s per run, {ROUNDS} rounds"
+            + (" (A-A control: both sides without the log)" if log_args else "")
+        )
+        for n in range(ROUNDS):
+            # a fresh pair of collector processes each round, started in turn first: one
+            # process's luck (its memory layout, its hash seed, where the kernel put it)
+            # must not be read as the log's cost
+            with contextlib.ExitStack() as stack:
+                args = {
+                    "log": ("--policy", str(policy), *log_args),
+                    "off": ("--policy", str(policy), "--audit-log", "off"),
+                }
+                order = ("log", "off") if n % 2 == 0 else ("off", "log")
+                urls = {
+                    which: stack.enter_context(
+                        running_collector(workdir / f"{which}{n}", *args[which])
+                    )
+                    for which in order
+                }
+                ports = {which: int(url.rsplit(":", 1)[1]) for which, url in urls.items()}
+                for conns in levels:
                     for which in ("log", "off", "off", "log"):
-                        runs[which].append(decisions.run(ports[which], "token", conns))
-                # the median run of each side: one run disturbed by the machine's other
-                # work moves neither figure
-                log_, off = (_median(runs["log"]), _median(runs["off"]))
-                print(
-                    f"{decisions.PROCS * conns:3d} concurrent clients: "
-                    f"with the audit log {log_[0]:8,.0f}/s p50 {log_[1] * 1e3:5.2f} ms "
-                    f"p99 {log_[2] * 1e3:5.2f} ms | without {off[0]:8,.0f}/s "
-                    f"p50 {off[1] * 1e3:5.2f} ms p99 {off[2] * 1e3:5.2f} ms | "
-                    f"p99 ratio {log_[2] / off[2]:.2f}x (goal <= 1.2), "
-                    f"throughput ratio {log_[0] / off[0]:.2f}x (goal >= 0.9)"
-                )
+                        runs[conns][which].append(decisions.run(ports[which], "token", conns))
+        for conns in levels:
+            # the median run of each side: one run disturbed by the machine's other work
+            # moves neither figure
+            log_, off = _median(runs[conns]["log"]), _median(runs[conns]["off"])
+            print(
+                f"{decisions.PROCS * conns:3d} concurrent clients: "
+                f"with the audit log {log_[0]:8,.0f}/s p50 {log_[1] * 1e3:5.2f} ms "
+                f"p99 {log_[2] * 1e3:5.2f} ms | without {off[0]:8,.0f}/s "
+                f"p50 {off[1] * 1e3:5.2f} ms p99 {off[2] * 1e3:5.2f} ms | "
+                f"p99 ratio {log_[2] / off[2]:.2f}x (goal <= 1.2), "
+                f"throughput ratio {log_[0] / off[0]:.2f}x (goal >= 0.9)"
+            )
         _in_process(workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
